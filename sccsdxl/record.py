@@ -1,0 +1,44 @@
+"""The machine-readable record each notebook writes last: ``<output_dir>/<notebook stem>.json``."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+RECORDS_ARCHIVE = "records"
+
+
+def write_record(output_dir: str | Path, notebook: str, payload: dict[str, Any]) -> Path:
+    """Write the notebook's record; an earlier record of the same notebook is moved to records/, never lost."""
+    out = Path(output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{notebook}.json"
+        if path.exists():
+            archive = out / RECORDS_ARCHIVE
+            archive.mkdir(exist_ok=True)
+            stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+            target = archive / f"{notebook}-{stamp}.json"
+            n = 1
+            while target.exists():
+                target = archive / f"{notebook}-{stamp}-{n}.json"
+                n += 1
+            path.replace(target)
+        record = {"notebook": notebook, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        tmp.replace(path)
+        return path
+    except OSError as exc:
+        raise OutputError(f"cannot write the record in {out}: {exc.strerror}",
+                          "pass a writable directory with -p output_dir <dir>") from None
+
+
+def read_record(output_dir: str | Path, notebook: str) -> dict[str, Any]:
+    path = Path(output_dir).expanduser() / f"{notebook}.json"
+    if not path.is_file():
+        raise OutputError(f"{path} not found", f"run notebooks/{notebook}.ipynb with the same output_dir first")
+    return json.loads(path.read_text())

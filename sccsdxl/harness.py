@@ -137,18 +137,22 @@ def parse_detail_log(path: Path) -> dict:
 
 
 class OfflineSUT:
-    """Offline SUT: takes loadgen's query, serves it in batches from a worker thread, answers per batch."""
+    """Offline SUT: splits loadgen's query into batches; one worker thread per generator takes the next batch
+    as soon as its generator is free (so a slower replica never holds the others back), answers per batch."""
 
-    def __init__(self, generator: ImageGenerator, samples: SampleSet, batch_size: int,
+    def __init__(self, generators: ImageGenerator | list[ImageGenerator], samples: SampleSet, batch_size: int,
                  progress: Callable[[int], None] | None = None):
-        self.generator = generator
+        self.generators = generators if isinstance(generators, list) else [generators]
         self.samples = samples
         self.batch_size = batch_size
         self.progress = progress or (lambda n: None)
         self.work: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.worker = threading.Thread(target=self._serve, daemon=True, name="sccsdxl-sut")
-        self.worker.start()
+        self.lock = threading.Lock()
+        self.workers = [threading.Thread(target=self._serve, args=(g,), daemon=True, name=f"sccsdxl-sut-{i}")
+                        for i, g in enumerate(self.generators)]
+        for worker in self.workers:
+            worker.start()
 
     def issue_queries(self, query_samples) -> None:
         items = list(query_samples)
@@ -159,10 +163,12 @@ class OfflineSUT:
         pass
 
     def close(self) -> None:
-        self.work.put(None)
-        self.worker.join()
+        for _ in self.workers:
+            self.work.put(None)
+        for worker in self.workers:
+            worker.join()
 
-    def _serve(self) -> None:
+    def _serve(self, generator: ImageGenerator) -> None:
         import mlperf_loadgen as lg
 
         while (batch := self.work.get()) is not None:
@@ -170,15 +176,19 @@ class OfflineSUT:
                 lg.QuerySamplesComplete([lg.QuerySampleResponse(s.id, 0, 0) for s in batch])
                 continue
             try:
-                images = self.generator.generate([self.samples.caption(s.index) for s in batch])
+                images = generator.generate([self.samples.caption(s.index) for s in batch])
                 images = np.ascontiguousarray(images, dtype=np.uint8)
+                if len(images) != len(batch):
+                    raise RuntimeError(f"the model returned {len(images)} images for {len(batch)} prompts")
                 responses = [lg.QuerySampleResponse(s.id, img.ctypes.data, img.nbytes)
                              for s, img in zip(batch, images)]
                 lg.QuerySamplesComplete(responses)  # loadgen copies the bytes during this call
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                self.error = exc
+                with self.lock:
+                    self.error = self.error or exc
                 lg.QuerySamplesComplete([lg.QuerySampleResponse(s.id, 0, 0) for s in batch])
-            self.progress(len(batch))
+            with self.lock:
+                self.progress(len(batch))
 
 
 @dataclass
@@ -269,7 +279,7 @@ def loadgen_settings(mode: str, user_conf: Path, rnd: Round, audit_config: Path 
     return settings
 
 
-def run_loadgen(generator: ImageGenerator, samples: SampleSet, mode: str, run_dir: Path, batch_size: int,
+def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: SampleSet, mode: str, run_dir: Path, batch_size: int,
                 rnd: Round, user_conf: Path, audit_config: Path | None = None, show_progress: bool = True,
                 log_name: str | None = None) -> ModeResult:
     """One loadgen Offline test (performance or accuracy) into ``run_dir/<mode>``."""
@@ -369,7 +379,8 @@ class BenchmarkRun:
         return self.record["results"].get(mode)
 
 
-def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES, generator: ImageGenerator | None = None,
+def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES,
+                  generator: ImageGenerator | list[ImageGenerator] | None = None,
                   show_progress: bool = True, label: str | None = None) -> BenchmarkRun:
     """Load the model, then run the requested loadgen modes into a new run directory."""
     from .system import describe_machine
@@ -398,7 +409,8 @@ def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES, generator: 
         generator = make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
                                 cache_dir=str(Path(config.output_dir) / "cache"))
         record["model"] = {**generator.info, "load_seconds": round(time.perf_counter() - loaded, 2)}
-    record["warmup_seconds"] = round(warm_up(generator, config.batch_size, config.warmup_batches), 2)
+    generators = generator if isinstance(generator, list) else [generator]
+    record["warmup_seconds"] = round(sum(warm_up(g, config.batch_size, config.warmup_batches) for g in generators), 2)
     for mode in modes:
         result = run_loadgen(generator, samples, mode, run_dir, config.batch_size, rnd, user_conf,
                              show_progress=show_progress)

@@ -1,0 +1,39 @@
+"""Shared test fixtures: the tiny pipeline (built once per session) and a headless notebook runner."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+CI_PARAMS = REPO / "params" / "ci.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_runner():
+    """The tiny SDXL-shaped pipeline on the CPU, fp32 (a few seconds to build, shared by all tests)."""
+    from sccsdxl.pipeline import make_runner
+
+    return make_runner("tiny", "fp32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def ci_params() -> dict:
+    return yaml.safe_load(CI_PARAMS.read_text())
+
+
+@pytest.fixture
+def run_notebook(tmp_path, ci_params):
+    """Execute notebooks/<stem>.ipynb headless with params/ci.yaml (+ overrides); returns (output nb, output_dir)."""
+    import papermill as pm
+
+    def run(stem: str, **overrides):
+        params = {**ci_params, "output_dir": str(tmp_path / "output"), **overrides}
+        out = tmp_path / f"{stem}.out.ipynb"
+        pm.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(out), parameters=params, cwd=str(tmp_path),
+                            kernel_name="python3", progress_bar=False)
+        return out, Path(params["output_dir"])
+
+    return run

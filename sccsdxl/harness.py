@@ -77,11 +77,30 @@ class RunConfig:
             if not ok:
                 raise ParameterError(problem, fix)
         get_round(self.mlperf_round)
+        from .pipeline import resolve_device
+
+        resolve_device(self.device, self.model_source)  # no GPU for a model that needs one: stop now
+        check_writable(self.output_dir)
         if self.model_source == "mlcommons":
             from .pipeline import check_mlcommons_dir
 
             check_mlcommons_dir(self.model_path)
         return self
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Stop before any work if run directories cannot be created under ``directory``."""
+    import tempfile
+
+    path = Path(directory).expanduser()
+    try:
+        (path / "runs").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path / "runs"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output_dir {str(path)!r} cannot be written: {exc.strerror}",
+                          "pass a writable directory with -p output_dir <dir>") from None
+    return path
 
 
 def user_conf_text(n_samples: int, variant: str, target_qps: float) -> str:
@@ -201,6 +220,7 @@ class ModeResult:
     wall_seconds: float
     seeds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
+    peak_gpu_memory_bytes: int | None = None
 
 
 # loadgen config keys -> TestSettings attributes (value converter). loadgen's FromConfig may load a user
@@ -299,6 +319,11 @@ def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: Sampl
     expected = len(samples) if mode == "accuracy" else max(settings.min_query_count, 1)
     bar = tqdm(total=expected, desc=f"{mode} ({len(samples)} samples, batch {batch_size})", unit="sample",
                disable=not show_progress, mininterval=1.0)
+    gpu = _cuda_ready()
+    if gpu:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
 
     def progress(n: int) -> None:
@@ -334,7 +359,20 @@ def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: Sampl
         wall_seconds=round(wall, 3),
         seeds={k: detail.get(f"effective_{k}") for k in ("qsl_rng_seed", "sample_index_rng_seed", "schedule_rng_seed")},
         errors=detail.get("errors", []),
+        peak_gpu_memory_bytes=_peak_gpu_memory() if gpu else None,
     )
+
+
+def _cuda_ready() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _peak_gpu_memory() -> int:
+    import torch
+
+    return int(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
 
 
 def warm_up(generator: ImageGenerator, batch_size: int, batches: int) -> float:
@@ -391,6 +429,14 @@ def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES,
         raise ParameterError(f"unknown modes {unknown or modes}", f"use a subset of {MODES}")
     rnd = get_round(config.mlperf_round)
     samples = sample_set(config.variant)
+    model_info: dict = {}
+    if generator is None:  # load before making the run directory: a missing model leaves nothing behind
+        from .pipeline import make_runner
+
+        loaded = time.perf_counter()
+        generator = make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
+                                cache_dir=str(Path(config.output_dir) / "cache"))
+        model_info = {**generator.info, "load_seconds": round(time.perf_counter() - loaded, 2)}
     run_dir = new_run_dir(config.output_dir, label or f"{config.variant}-{config.model_source}-{config.dtype}-bs{config.batch_size}")
     samples.save(run_dir)
     user_conf = run_dir / USER_CONF
@@ -398,17 +444,10 @@ def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES,
     record = {
         "kind": "sccsdxl-run", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir), "config": asdict(config), "round": rnd.name, "samples": len(samples),
-        "versions": environment_versions(), "machine": describe_machine(), "results": {},
+        "versions": environment_versions(), "machine": describe_machine(), "model": model_info, "results": {},
         "valid_for_accuracy": config.model_source in ("hf", "mlcommons"),
     }
     write_json(run_dir / RUN_FILE, record)
-    if generator is None:
-        from .pipeline import make_runner
-
-        loaded = time.perf_counter()
-        generator = make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
-                                cache_dir=str(Path(config.output_dir) / "cache"))
-        record["model"] = {**generator.info, "load_seconds": round(time.perf_counter() - loaded, 2)}
     generators = generator if isinstance(generator, list) else [generator]
     record["warmup_seconds"] = round(sum(warm_up(g, config.batch_size, config.warmup_batches) for g in generators), 2)
     for mode in modes:
@@ -426,3 +465,33 @@ def load_run(run_dir: str | Path) -> BenchmarkRun:
         raise KitError(f"{path} not found: not an sccsdxl run directory",
                        "pass a directory under <output_dir>/runs/ made by 02_baseline")
     return BenchmarkRun(Path(run_dir), json.loads(path.read_text()))
+
+
+def results_table(run: BenchmarkRun):
+    """One row per mode: samples/s, validity, samples, wall time, where the logs are."""
+    import pandas as pd
+
+    rows = []
+    for mode, result in run.record["results"].items():
+        rows.append({"mode": mode, "samples/s": result["samples_per_second"],
+                     "result": {True: "VALID", False: "INVALID", None: "-"}[result["valid"]],
+                     "samples": result["samples"], "wall s": result["wall_seconds"],
+                     "logs": str(Path(result["log_dir"]).name)})
+    return pd.DataFrame(rows).set_index("mode")
+
+
+def accuracy_images(run: BenchmarkRun, limit: int) -> list[tuple[int, str, np.ndarray]]:
+    """The first ``limit`` images of the run's accuracy log with their captions: (qsl_idx, caption, image)."""
+    from .accuracy import iter_accuracy_log
+    from .data import read_sample_set
+
+    if "accuracy" not in run.record["results"] or limit <= 0:
+        return []
+    samples = read_sample_set(run.run_dir)
+    log = Path(run.record["results"]["accuracy"]["log_dir"]) / "mlperf_log_accuracy.json"
+    found = []
+    for idx, image in iter_accuracy_log(log):
+        found.append((idx, samples.caption(idx), image))
+        if len(found) >= limit:
+            break
+    return sorted(found, key=lambda item: item[0])

@@ -1,0 +1,27 @@
+import json
+
+import pytest
+
+from sccsdxl.errors import OutputError
+from sccsdxl.record import read_record, write_record
+
+
+def test_record_is_written_and_an_earlier_one_is_archived(tmp_path):
+    first = write_record(tmp_path, "02_baseline", {"samples_per_second": 1.0})
+    write_record(tmp_path, "02_baseline", {"samples_per_second": 2.0})
+    assert read_record(tmp_path, "02_baseline")["samples_per_second"] == 2.0
+    archived = list((tmp_path / "records").glob("02_baseline-*.json"))
+    assert len(archived) == 1 and json.loads(archived[0].read_text())["samples_per_second"] == 1.0
+    assert first == tmp_path / "02_baseline.json"
+
+
+def test_unwritable_output_dir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot write the record"):
+        write_record(blocker / "sub", "02_baseline", {})
+
+
+def test_missing_record_names_the_notebook(tmp_path):
+    with pytest.raises(OutputError, match="run notebooks/02_baseline.ipynb"):
+        read_record(tmp_path, "02_baseline")

@@ -77,14 +77,11 @@ def decode_image(hex_data: str, shape: tuple[int, int, int] | None = None) -> np
     return raw.reshape(shape)
 
 
-class _HashingReader(io.RawIOBase):
+class _HashingReader:
     """A read-only file wrapper that feeds every byte read into a hash, so the log is read once, not twice."""
 
     def __init__(self, fh, digest):
         self.fh, self.digest = fh, digest
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         data = self.fh.read(size)
@@ -288,7 +285,7 @@ def load_clip(path: str | Path, device: str = "cpu", arch: dict | None = None) -
         raise ModelError(f"{path} is not a usable open_clip ViT-B-32 checkpoint ({type(exc).__name__}: {exc})",
                          "fetch it again: " + FETCH_HINT.format(name=ASSET_NAMES["clip"])) from None
     model.eval()
-    return ClipScorer(model, preprocess, open_clip.get_tokenizer(CLIP_ARCH), device)
+    return ClipScorer(model, preprocess, open_clip.tokenize, device)
 
 
 _FID_BUILD_LOCK = threading.Lock()
@@ -427,10 +424,11 @@ def frechet_distance(mu_ref: np.ndarray, sigma_ref: np.ndarray, mu: np.ndarray, 
 
 
 def format_accuracy_line(fid: float, clip: float, quoted: bool) -> str:
-    """The script's stdout line: floats before b6f5a343 (v4.x checker), quoted strings after."""
-    values = {"FID_SCORE": float(fid), "CLIP_SCORE": float(clip)}
-    shown = {k: (repr(v) if quoted else v) for k, v in values.items()}
-    return f"Accuracy Results: {{{', '.join(f'{k!r}: ' + (repr(v) if quoted else repr(v)) for k, v in shown.items())}}}"
+    """The script's stdout line: bare floats before b6f5a343 (the v4.x checker needs them), quoted strings after."""
+    def shown(value: float) -> str:
+        return repr(repr(float(value))) if quoted else repr(float(value))
+
+    return f"Accuracy Results: {{'FID_SCORE': {shown(fid)}, 'CLIP_SCORE': {shown(clip)}}}"
 
 
 def accuracy_txt(fid: float, clip: float, log_sha256: str, quoted: bool, standin: bool = False) -> str:

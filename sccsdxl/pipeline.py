@@ -154,6 +154,7 @@ def build_random_pipeline(size: str, dtype: str, device: str, tokenizer_dir: Pat
         vae = AutoencoderKL(**vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg))
+    quiet_diffusers()
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(),
                                      add_watermarker=False)
@@ -215,7 +216,16 @@ def load_pipeline(source: str = "hf", dtype: str = "fp16", device: str = "auto",
         pipe = build_random_pipeline("full" if source == "synthetic" else "tiny", dtype, target,
                                      tokenizer_dir=Path(cache_dir) / "clip-bpe" if cache_dir else None)
     pipe.set_progress_bar_config(disable=True)
+    quiet_diffusers()
     return pipe
+
+
+def quiet_diffusers() -> None:
+    """Silence diffusers' per-call notices (fp32 VAE upcast on every fp16 call) that would flood notebook output."""
+    import warnings
+
+    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
 
 
 def parameter_counts(pipe) -> dict[str, int]:

@@ -205,16 +205,17 @@ def _hash_problems(asset: Asset, size: int, hashes: dict[str, str]) -> list[str]
     problems = []
     if asset.size is not None and size != asset.size:
         problems.append(f"size {size:,} bytes, expected {asset.size:,}")
-    if asset.sha256 and hashes["sha256"] != asset.sha256:
-        problems.append(f"sha256 {hashes['sha256']}, expected {asset.sha256}")
-    if asset.sha256_prefix and not hashes["sha256"].startswith(asset.sha256_prefix):
-        problems.append(f"sha256 {hashes['sha256']}, expected it to start with {asset.sha256_prefix}")
-    if asset.git_blob_sha1 and hashes["git_blob_sha1"] != asset.git_blob_sha1:
-        problems.append(f"git blob id {hashes['git_blob_sha1']}, expected {asset.git_blob_sha1}")
+    sha256, blob = hashes.get("sha256", ""), hashes.get("git_blob_sha1", "")
+    if asset.sha256 and sha256 != asset.sha256:
+        problems.append(f"sha256 {sha256}, expected {asset.sha256}")
+    if asset.sha256_prefix and not sha256.startswith(asset.sha256_prefix):
+        problems.append(f"sha256 {sha256}, expected it to start with {asset.sha256_prefix}")
+    if asset.git_blob_sha1 and blob != asset.git_blob_sha1:
+        problems.append(f"git blob id {blob}, expected {asset.git_blob_sha1}")
     return problems
 
 
-def verify_file(asset: Asset, path: Path) -> dict[str, Any]:
+def verify_file(asset: Asset, path: Path, fix: str | None = None) -> dict[str, Any]:
     """Check a file against the manifest (size, hashes, content); raise DataError naming every mismatch."""
     size = path.stat().st_size
     hashes = hash_file(path)
@@ -226,7 +227,7 @@ def verify_file(asset: Asset, path: Path) -> dict[str, Any]:
             problems.append(f"content check failed: {exc}")
     if problems:
         raise DataError(f"{asset.name}: {path.name} is not the expected file: {'; '.join(problems)}",
-                        fetch_command(asset.name, path.parent.parents[len(Path(asset.relpath).parts) - 2]))
+                        fix or "download it again")
     return {"name": asset.name, "size": size, **hashes, "checked": asset.check or "size/hash",
             "verified": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -256,12 +257,12 @@ def check_present(name: str, data_dir: str | Path | None = None) -> dict[str, An
     asset, path = get_asset(name), asset_path(name, data_dir)
     part = path.with_name(path.name + ".part")
     if not path.is_file():
-        state = f"partial download ({part.stat().st_size:,} bytes)" if part.is_file() else "missing"
+        state = f"partial download ({part.stat().st_size:,} bytes), resumes on fetch" if part.is_file() else ""
         return {"state": "missing", "detail": state, "path": path, "size": 0}
     info = _recorded(path)
     if info is None or _hash_problems(asset, info["size"], info):
         try:
-            info = verify_file(asset, path)
+            info = verify_file(asset, path, fetch_command(name, data_dir))
         except DataError as exc:
             return {"state": "invalid", "detail": exc.problem, "path": path, "size": path.stat().st_size}
         _record_verified(path, info)
@@ -276,8 +277,7 @@ def require(name: str, data_dir: str | Path | None = None) -> Path:
         return found["path"]
     asset = get_asset(name)
     what = "missing" if found["state"] == "missing" else f"not usable ({found['detail']})"
-    raise DataError(f"asset {name!r} ({asset.description}) is {what}: {found['path']}",
-                    fetch_command(name, data_dir))
+    raise DataError(f"asset {name!r} is {what}: {found['path']} [{asset.description}]", fetch_command(name, data_dir))
 
 
 # ---------------------------------------------------------------- downloading
@@ -289,13 +289,19 @@ class _Interrupted(Exception):
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """One download per file at a time (two jobs sharing a data directory wait for each other)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:  # a read-only data directory: nothing will be written there, so nothing to lock
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
         try:
             import fcntl
 
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         except (ImportError, OSError):
             pass
         yield
@@ -567,7 +573,8 @@ def fetch_sdxl(dtype: str = "fp16", data_dir: str | Path | None = None, cache_di
         return state["snapshot"]
     if is_offline():
         raise ModelError(f"SDXL weights ({dtype}): {len(state['missing'])} files missing in {cache} and offline mode "
-                         "($HF_HUB_OFFLINE / $SCCSDXL_OFFLINE) is on", "unset it and run: " + fetch_command(f"sdxl_{dtype}", data_dir))
+                         "($HF_HUB_OFFLINE / $SCCSDXL_OFFLINE) is on",
+                         "unset it and run: " + fetch_command(f"sdxl_{dtype}", data_dir))
     from huggingface_hub import hf_hub_download
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -858,3 +865,49 @@ def latent_channels_figure(latents):
 def asset_records(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """The manifest as plain dicts (for the 01_setup record)."""
     return [{**asdict(a), "path": str(asset_path(a.name, data_dir))} for a in MANIFEST.values()]
+
+
+# ---------------------------------------------------------------- 01_setup helpers
+
+def plan_setup(data_dir: str | Path | None, dtype: str, model_source: str, fetch: str) -> dict[str, Any]:
+    """Check 01_setup's parameters and say what it will do: where assets go, what to fetch, offline or not."""
+    from .pipeline import SOURCES
+
+    if model_source not in SOURCES:
+        raise ParameterError(f"unknown model_source {model_source!r}",
+                             f"use one of {', '.join(SOURCES)} (e.g. -p model_source hf)")
+    sdxl_files(dtype)  # validates dtype
+    return {"data_dir": _resolve(data_dir), "fetch": resolve_fetch_list(fetch, model_source), "offline": is_offline(),
+            "mirror": os.environ.get(ENV_MIRROR, "")}
+
+
+def readiness(table, model_source: str) -> dict[str, Any]:
+    """From the status table: can the benchmark run (weights) and can accuracy be scored offline (metric assets)?"""
+    state = dict(zip(table["asset"], table["state"]))
+    weights = [a for a in state if a.startswith("sdxl_") or a == "mlcommons_checkpoint"]
+    return {"benchmark": model_source in ("synthetic", "tiny") or all(state[a] == "present" for a in weights),
+            "accuracy": all(state.get(a) == "present" for a in METRIC_ASSETS),
+            "missing": [a for a, s in state.items() if s != "present" and not (a in MANIFEST and MANIFEST[a].optional)]}
+
+
+def fetch_panel(data_dir: str | Path | None = None, dtype: str = "fp16", model_source: str = "hf"):
+    """JupyterLab only: tick missing assets and fetch them (a thin wrapper over fetch_requested)."""
+    import ipywidgets as widgets
+    import pandas as pd
+    from IPython.display import display
+
+    table = status(data_dir, dtype, model_source)
+    names = [("sdxl" if a.startswith("sdxl_") else a) for a in table.loc[table["state"] != "present", "asset"]
+             if a != "mlcommons_checkpoint"]
+    boxes = [widgets.Checkbox(value=name != "coco_annotations", description=name) for name in names]
+    button, out = widgets.Button(description="Fetch selected", button_style="primary"), widgets.Output()
+
+    def run(_):
+        with out:
+            out.clear_output()
+            display(pd.DataFrame(fetch_requested([b.description for b in boxes if b.value], data_dir, dtype)))
+            display(status(data_dir, dtype, model_source))
+
+    button.on_click(run)
+    return widgets.VBox([widgets.HTML("<b>Missing assets</b>" if boxes else "<b>Nothing is missing.</b>"),
+                         *boxes, button, out])

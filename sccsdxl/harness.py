@@ -53,6 +53,8 @@ class RunConfig:
     output_dir: str = "output"
     target_qps: float = 0.0  # 0: DEFAULT_TARGET_QPS (only matters for the full variant's 600 s run)
     warmup_batches: int = 1
+    optimizations: str = ""  # sccsdxl.quant options, e.g. "fuse_qkv,compile,fp8"
+    data_dir: str = ""  # where 01_setup put the weights ("" = $SCCSDXL_DATA_DIR or ~/.cache/sccsdxl)
 
     def validate(self) -> "RunConfig":
         """Stop on any bad value before a model is loaded or GPU time is spent."""
@@ -79,7 +81,10 @@ class RunConfig:
         get_round(self.mlperf_round)
         from .pipeline import resolve_device
 
-        resolve_device(self.device, self.model_source)  # no GPU for a model that needs one: stop now
+        from .quant import check_optimizations, parse_optimizations
+
+        device = resolve_device(self.device, self.model_source)  # no GPU for a model that needs one: stop now
+        check_optimizations(parse_optimizations(self.optimizations), self.dtype, device)
         check_writable(self.output_dir)
         if self.model_source == "mlcommons":
             from .pipeline import check_mlcommons_dir
@@ -435,7 +440,8 @@ def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES,
 
         loaded = time.perf_counter()
         generator = make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
-                                cache_dir=str(Path(config.output_dir) / "cache"))
+                                cache_dir=str(Path(config.output_dir) / "cache"), optimizations=config.optimizations,
+                                data_dir=config.data_dir)
         model_info = {**generator.info, "load_seconds": round(time.perf_counter() - loaded, 2)}
     run_dir = new_run_dir(config.output_dir, label or f"{config.variant}-{config.model_source}-{config.dtype}-bs{config.batch_size}")
     samples.save(run_dir)

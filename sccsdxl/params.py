@@ -17,13 +17,24 @@ from .errors import ParameterError
 PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
     "variant": str, "model_source": str, "model_path": str, "dtype": str, "batch_size": int, "device": str,
     "mlperf_round": str, "output_dir": str, "interactive": bool, "data_dir": str, "target_qps": (int, float),
-    "warmup_batches": int, "show_progress": bool, "image_grid": int,
+    "warmup_batches": int, "show_progress": bool, "image_grid": int, "optimizations": str,
+    "run_dir": str, "metric_models": str, "metrics_device": str, "metrics_batch_size": int,  # 05_accuracy
+    "fetch": str, "mirror_url": str,  # 01_setup
+    "batch_sizes": list, "gpus": list,  # 03_batch_size_sweep
 }
 
 # Which notebook declares which parameters (tests check this against each notebook's parameters cell).
 NOTEBOOK_PARAMETERS: dict[str, list[str]] = {
+    "01_setup": ["data_dir", "dtype", "model_source", "model_path", "fetch", "mirror_url", "output_dir",
+                 "show_progress", "interactive"],
     "02_baseline": ["variant", "model_source", "model_path", "dtype", "batch_size", "device", "mlperf_round",
-                    "output_dir", "target_qps", "warmup_batches", "image_grid", "show_progress", "interactive"],
+                    "output_dir", "data_dir", "target_qps", "warmup_batches", "optimizations", "image_grid",
+                    "show_progress", "interactive"],
+    "03_batch_size_sweep": ["variant", "model_source", "model_path", "dtype", "device", "optimizations", "mlperf_round",
+                            "output_dir", "batch_sizes", "gpus", "warmup_batches", "show_progress", "interactive"],
+    "05_accuracy": ["variant", "model_source", "model_path", "dtype", "batch_size", "device", "mlperf_round",
+                    "output_dir", "run_dir", "data_dir", "metric_models", "metrics_device", "metrics_batch_size",
+                    "image_grid", "show_progress", "interactive"],
 }
 
 INJECTED_MARKER = "# Parameters"  # first line of the cell papermill inserts after the 'parameters' cell

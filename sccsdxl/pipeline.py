@@ -161,8 +161,19 @@ def build_random_pipeline(size: str, dtype: str, device: str, tokenizer_dir: Pat
     return pipe.to(device=device, dtype=torch_dtype(dtype))
 
 
+def hf_cache_for(data_dir: str | None) -> str | None:
+    """The kit's Hugging Face cache under data_dir when 01_setup fetched SDXL there, else the default HF cache."""
+    from .assets import hf_cache_dir
+
+    kit_cache = hf_cache_dir(data_dir or None)
+    repo = "models--" + C.HF_MODEL_ID.replace("/", "--")
+    return str(kit_cache) if (kit_cache / repo).is_dir() else None
+
+
 def _hf_pipeline(dtype: str, cache_dir: str | None):
     from diffusers import StableDiffusionXLPipeline
+
+    from .assets import fetch_command
 
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "use_safetensors": True, "add_watermarker": False}
     if dtype == "fp16":
@@ -172,8 +183,8 @@ def _hf_pipeline(dtype: str, cache_dir: str | None):
     except (OSError, ValueError) as exc:  # missing files, offline mode, no network
         raise ModelError(f"SDXL weights for {C.HF_MODEL_ID} ({dtype}) are not in the Hugging Face cache "
                          f"{cache_dir or '(default HF_HOME)'} and could not be downloaded: {str(exc).splitlines()[0]}",
-                         "fetch them first (notebooks/01_setup.ipynb, or: huggingface-cli download "
-                         f"{C.HF_MODEL_ID}), or use -p model_source mlcommons -p model_path <dir>") from None
+                         f"fetch them first: papermill notebooks/01_setup.ipynb out.ipynb -p fetch sdxl, or "
+                         f"{fetch_command(f'sdxl_{dtype}')}; or use -p model_source mlcommons -p model_path <dir>") from None
 
 
 def check_mlcommons_dir(model_path: str | Path | None) -> Path:
@@ -201,15 +212,18 @@ def _mlcommons_pipeline(model_path: str | Path | None, dtype: str):
 
 
 def load_pipeline(source: str = "hf", dtype: str = "fp16", device: str = "auto", model_path: str | None = None,
-                  cache_dir: str | None = None):
-    """The diffusers SDXL pipeline from one of SOURCES, on the resolved device, progress bar off."""
+                  cache_dir: str | None = None, hf_cache_dir: str | None = None):
+    """The diffusers SDXL pipeline from one of SOURCES, on the resolved device, progress bar off.
+
+    cache_dir: the kit's working cache (tokenizer files, compiled kernels); hf_cache_dir: the Hugging Face cache.
+    """
     if source not in SOURCES:
         raise ParameterError(f"unknown model_source {source!r}",
                              f"use one of {', '.join(SOURCES)} (e.g. -p model_source hf)")
     torch_dtype(dtype)
     target = resolve_device(device, source)
     if source == "hf":
-        pipe = _hf_pipeline(dtype, cache_dir).to(target)
+        pipe = _hf_pipeline(dtype, hf_cache_dir).to(target)
     elif source == "mlcommons":
         pipe = _mlcommons_pipeline(model_path, dtype).to(target)
     else:
@@ -242,6 +256,7 @@ class SDXLRunner:
     source: str = "hf"
     dtype: str = "fp16"
     info: dict = field(default_factory=dict)
+    sdpa: str = "auto"  # attention backend (sccsdxl.quant.SDPA_BACKENDS)
 
     @property
     def device(self):
@@ -267,7 +282,9 @@ class SDXLRunner:
         """(B, H, W, 3) uint8 images, one per prompt, all from the fixed latent."""
         import torch
 
-        with torch.inference_mode():
+        from .quant import sdpa_context
+
+        with torch.inference_mode(), sdpa_context(self.sdpa):
             prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode(prompts)
             latents = self.latent.to(device=self.device, dtype=self.pipe.unet.dtype).expand(len(prompts), -1, -1, -1)
             height, width = self.image_size
@@ -280,14 +297,19 @@ class SDXLRunner:
 
 
 def make_runner(source: str = "hf", dtype: str = "fp16", device: str = "auto", model_path: str | None = None,
-                cache_dir: str | None = None, latent=None) -> SDXLRunner:
-    """Load the pipeline and pair it with the fixed latent (the tiny model takes its top-left crop)."""
+                cache_dir: str | None = None, latent=None, optimizations: str = "", data_dir: str = "") -> SDXLRunner:
+    """Load the pipeline, apply the optimization options, pair it with the fixed latent (tiny: top-left crop)."""
     from .data import load_latents
+    from .quant import apply_optimizations, check_optimizations, parse_optimizations
 
-    pipe = load_pipeline(source, dtype, device, model_path, cache_dir)
+    opts = parse_optimizations(optimizations)
+    check_optimizations(opts, dtype, resolve_device(device, source))
+    pipe = load_pipeline(source, dtype, device, model_path, cache_dir,
+                         hf_cache_dir=hf_cache_for(data_dir) if source == "hf" else None)
+    applied = apply_optimizations(pipe, opts, cache_dir)
     latent = load_latents() if latent is None else latent
     if source == "tiny":
         latent = latent[:, :, :TINY_LATENT_SIZE, :TINY_LATENT_SIZE].contiguous()
     info = {"source": source, "dtype": dtype, "device": str(pipe.unet.device), "parameters": parameter_counts(pipe),
-            "scorable": source in SCORABLE_SOURCES}
-    return SDXLRunner(pipe=pipe, latent=latent, source=source, dtype=dtype, info=info)
+            "scorable": source in SCORABLE_SOURCES, **applied}
+    return SDXLRunner(pipe=pipe, latent=latent, source=source, dtype=dtype, info=info, sdpa=opts.sdpa)

@@ -43,7 +43,8 @@ REQUIRED_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("papermill", "papermill", "runs the notebooks headless"),
 )
 OPTIONAL_PACKAGES: tuple[tuple[str, str, str], ...] = (
-    ("scipy", "scipy", "FID (matrix square root)"),
+    ("pytorch_fid", "pytorch-fid", "05_accuracy: the FID Inception network"),
+    ("scipy", "scipy", "05_accuracy: FID (matrix square root)"),
     ("ipywidgets", "ipywidgets", "interactive controls in JupyterLab"),
 )
 
@@ -374,7 +375,8 @@ def machine_table(report: dict[str, Any]):
     rows += [
         ("CPU", f"{report['cpu_model']}: {cpu.get('sockets', '?')} socket(s), {cpu.get('cores', '?')} cores, "
                 f"{report['cpu_cores']} logical CPUs"),
-        ("RAM", f"{report['memory_bytes'] / GiB:.1f} GiB ({report.get('memory_available_bytes', 0) / GiB:.1f} GiB available)"),
+        ("RAM", f"{report['memory_bytes'] / GiB:.1f} GiB "
+                f"({report.get('memory_available_bytes', 0) / GiB:.1f} GiB available)"),
         ("data disk", f"{disk.get('checked_at', '')}: {_gb(disk.get('free_bytes', 0))} free of "
                       f"{_gb(disk.get('total_bytes', 0))} ({disk.get('storage') or disk.get('filesystem') or '?'}); "
                       f"missing assets need {_gb(disk.get('needed_bytes', 0))}"),

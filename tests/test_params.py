@@ -5,7 +5,8 @@ from sccsdxl.params import NOTEBOOK_PARAMETERS, PARAMETER_TYPES, check_parameter
 
 BASELINE = {"variant": "main", "model_source": "hf", "model_path": "", "dtype": "fp16", "batch_size": 1,
             "device": "auto", "mlperf_round": "v4.1", "output_dir": "output", "target_qps": 0.0,
-            "warmup_batches": 1, "image_grid": 6, "show_progress": True, "interactive": False}
+            "warmup_batches": 1, "image_grid": 6, "show_progress": True, "interactive": False,
+            "optimizations": "", "data_dir": ""}
 
 
 def test_injected_names_are_read_from_papermills_cell():

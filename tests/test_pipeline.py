@@ -107,7 +107,7 @@ def test_hf_source_loads_from_the_hub_cache(tmp_path, tiny_runner, monkeypatch):
     (repo / "refs" / "main").write_text(commit)
     tiny_runner.pipe.to(torch.float16).save_pretrained(repo / "snapshots" / commit, variant="fp16")
     tiny_runner.pipe.to(torch.float32)
-    pipe = P.load_pipeline("hf", "fp16", "cpu", cache_dir=str(tmp_path))
+    pipe = P.load_pipeline("hf", "fp16", "cpu", hf_cache_dir=str(tmp_path))
     assert pipe.unet.dtype == torch.float16
     assert sum(p.numel() for p in pipe.unet.parameters()) == tiny_runner.info["parameters"]["unet"]
 
@@ -118,8 +118,16 @@ def test_missing_hf_weights_say_how_to_fetch_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="are not in the Hugging Face cache") as err:
-        P.load_pipeline("hf", "fp16", "cpu", cache_dir=str(tmp_path))
-    assert "01_setup" in err.value.fix
+        P.load_pipeline("hf", "fp16", "cpu", hf_cache_dir=str(tmp_path))
+    assert "01_setup" in err.value.fix and "fetch_sdxl('fp16')" in err.value.fix
+
+
+def test_weights_fetched_by_setup_are_found_in_the_data_dir(tmp_path):
+    from sccsdxl.assets import hf_cache_dir
+
+    assert P.hf_cache_for(str(tmp_path)) is None  # nothing fetched: the default Hugging Face cache
+    (hf_cache_dir(tmp_path) / "models--stabilityai--stable-diffusion-xl-base-1.0").mkdir(parents=True)
+    assert P.hf_cache_for(str(tmp_path)) == str(hf_cache_dir(tmp_path))
 
 
 def test_missing_mlcommons_checkpoint_names_the_layout(tmp_path):

@@ -1,0 +1,312 @@
+"""Named, combinable speed options for the SDXL pipeline, and the accuracy guard that vets them.
+
+An optimization string is a comma-separated list of option names, e.g. ``"fuse_qkv,compile,fp8"``;
+the dtype stays a separate parameter. Classifier-free guidance already runs the conditional and
+unconditional rows as one UNet batch in diffusers' SDXL pipeline, so it needs no option.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DeviceError, ParameterError
+
+# name -> what it does (shown in 04_quantization and in error messages)
+OPTIONS: dict[str, str] = {
+    "fuse_qkv": "fuse the q, k, v projections of every attention into one matmul",
+    "channels_last": "UNet and VAE tensors in NHWC memory layout",
+    "compile": "torch.compile the UNet's repeated transformer blocks (regional compilation, cached on disk)",
+    "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
+    "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
+    "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
+    "vae_slicing": "decode one image at a time (less memory at large batch sizes)",
+    "fp8": "torchao fp8 dynamic quantization of the UNet's linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
+    "int8": "torchao int8 dynamic quantization of the UNet's linear layers (Ampere and newer; needs compile)",
+}
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+MIN_QUANT_FEATURES = 1024  # smaller linears gain nothing from dynamic quantization
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_resnets: bool = False
+    cuda_graphs: bool = False
+    vae_no_upcast: bool = False
+    vae_slicing: bool = False
+    fp8: bool = False
+    int8: bool = False
+    sdpa: str = "auto"
+
+    @property
+    def quantization(self) -> str:
+        return "fp8" if self.fp8 else "int8" if self.int8 else "none"
+
+    def names(self) -> list[str]:
+        chosen = [f.name for f in fields(self) if f.name != "sdpa" and getattr(self, f.name)]
+        return chosen + ([f"sdpa={self.sdpa}"] if self.sdpa != "auto" else [])
+
+    def __str__(self) -> str:
+        return ",".join(self.names()) or "none"
+
+
+def parse_optimizations(text: str) -> Optimizations:
+    """'fuse_qkv,compile,fp8,sdpa=flash' -> Optimizations; unknown names stop with the list of known ones."""
+    values: dict[str, Any] = {}
+    for item in (part.strip() for part in (text or "").split(",")):
+        if not item or item == "none":
+            continue
+        if item.startswith("sdpa="):
+            backend = item.split("=", 1)[1]
+            if backend not in SDPA_BACKENDS:
+                raise ParameterError(f"unknown SDPA backend {backend!r}", f"use sdpa= one of {', '.join(SDPA_BACKENDS)}")
+            values["sdpa"] = backend
+        elif item in OPTIONS:
+            values[item] = True
+        else:
+            raise ParameterError(f"unknown optimization {item!r}",
+                                 f"use a comma-separated list of: {', '.join(OPTIONS)}, sdpa=<{'|'.join(SDPA_BACKENDS)}>")
+    return Optimizations(**values)
+
+
+def fp8_capable(device: str) -> bool:
+    """fp8 matmuls need NVIDIA compute capability >= 8.9 (Ada, Hopper, Blackwell) or AMD MI300 (gfx94x)."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return False
+    props = torch.cuda.get_device_properties(0)
+    arch = getattr(props, "gcnArchName", "") or ""
+    return arch.startswith("gfx94") or arch.startswith("gfx95") or (props.major, props.minor) >= (8, 9)
+
+
+def supported_options(device: str) -> list[str]:
+    """Options that can work on this device."""
+    names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "vae_no_upcast", "vae_slicing"]
+    if device == "cuda":
+        names += ["cuda_graphs", "int8"] + (["fp8"] if fp8_capable(device) else [])
+    return names
+
+
+def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
+    """Refuse combinations that cannot work here, naming what does."""
+    problems = []
+    works = ", ".join(supported_options(device))
+    if opts.fp8 and opts.int8:
+        problems.append("fp8 and int8 exclude each other")
+    if opts.fp8 and not fp8_capable(device):
+        problems.append(f"fp8 needs a GPU with fp8 matmuls (NVIDIA compute capability >= 8.9 or AMD MI300); "
+                        f"this run is on {device_name(device)}")
+    if opts.fp8 and dtype != "bf16":
+        problems.append("fp8 with per-row scales needs bf16 weights: add -p dtype bf16")
+    if opts.int8 and device != "cuda":
+        problems.append("int8 dynamic quantization is built for GPUs here")
+    if opts.int8 and not opts.compile:
+        problems.append("int8 dynamic quantization is only fast when compiled (torchao): add compile")
+    if (opts.cuda_graphs or opts.compile_resnets) and not opts.compile:
+        problems.append("cuda_graphs and compile_resnets apply to compiled regions: add compile")
+    if opts.cuda_graphs and device != "cuda":
+        problems.append("CUDA graphs need a GPU")
+    if opts.sdpa in ("flash", "efficient", "cudnn") and device != "cuda":
+        problems.append(f"the {opts.sdpa} attention kernel needs a GPU; use sdpa=math or leave sdpa out on the CPU")
+    if problems:
+        raise ParameterError("optimization options that cannot work here: " + "; ".join(problems),
+                             f"options available on this machine: {works}")
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "the CPU"
+
+
+def _quantizable(module, fqn: str) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) and module.in_features >= MIN_QUANT_FEATURES \
+        and module.out_features >= MIN_QUANT_FEATURES
+
+
+def quantize_unet(unet, kind: str) -> int:
+    """Dynamic fp8/int8 quantization of the UNet's large linear layers with torchao; returns how many."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        raise ParameterError(f"{kind} quantization needs torchao", "pip install torchao") from None
+    if kind == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    else:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+        config = Int8DynamicActivationInt8WeightConfig()
+    count = sum(1 for name, m in unet.named_modules() if _quantizable(m, name))
+    quantize_(unet, config, filter_fn=_quantizable)
+    return count
+
+
+def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
+    """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
+    import torch
+
+    names = {"BasicTransformerBlock"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set())
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    mode = "reduce-overhead" if cuda_graphs else None
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in names:
+            module.compile(fullgraph=True, mode=mode)
+            count += 1
+    return count
+
+
+def use_compile_cache(cache_dir: str | Path | None) -> str | None:
+    """Keep inductor's compiled kernels in a directory the user keeps, so a second run starts warm."""
+    if not cache_dir:
+        return None
+    path = Path(cache_dir).expanduser() / "inductor"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path.resolve())
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return str(path)
+
+
+def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None = None) -> dict:
+    """Change the loaded pipeline in place; returns what was done (for run records)."""
+    import torch
+
+    info: dict[str, Any] = {"optimizations": str(opts)}
+    started = time.perf_counter()
+    if opts.fuse_qkv:
+        pipe.fuse_qkv_projections()
+    if opts.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if opts.vae_no_upcast:
+        pipe.vae.register_to_config(force_upcast=False)
+    if opts.vae_slicing:
+        pipe.vae.enable_slicing()
+    if opts.quantization != "none":
+        info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization)
+    if opts.compile:
+        info["inductor_cache"] = use_compile_cache(cache_dir)
+        info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs)
+    info["apply_seconds"] = round(time.perf_counter() - started, 2)
+    return info
+
+
+def sdpa_context(backend: str):
+    """A context that restricts scaled-dot-product attention to one backend ('auto': torch chooses)."""
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(table[backend])
+
+
+# ---------------------------------------------------------------- accuracy guard
+
+CLIP_TOLERANCE = 0.01  # TEST01 fallback: CLIP within 1 %
+FID_TOLERANCE = 0.02  # and FID within 2 %
+DARK_LEVEL = 8  # an image whose every pixel is below this is black
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images (inf when identical)."""
+    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def broken_images(images: np.ndarray) -> list[int]:
+    """Indices of black or flat images (what a NaN/overflowing decode produces)."""
+    flat = images.reshape(len(images), -1)
+    return [i for i, px in enumerate(flat) if px.max() < DARK_LEVEL or px.min() == px.max()]
+
+
+@dataclass
+class GuardResult:
+    """How far a configuration's images are from the fp16 reference's, and whether that is acceptable."""
+
+    config: str
+    samples: int
+    mean_psnr_db: float
+    min_psnr_db: float
+    mean_abs_diff: float
+    broken: list
+    clip_reference: float | None = None
+    clip_test: float | None = None
+    fid_reference: float | None = None
+    fid_test: float | None = None
+    verdict: str = "unverified"  # pass | fail | unverified (no metric models to decide with)
+    reasons: list | None = None
+
+    @property
+    def clip_delta(self) -> float | None:
+        if self.clip_reference is None or self.clip_test is None:
+            return None
+        return abs(self.clip_test - self.clip_reference) / abs(self.clip_reference)
+
+    @property
+    def fid_delta(self) -> float | None:
+        if self.fid_reference is None or self.fid_test is None:
+            return None
+        return abs(self.fid_test - self.fid_reference) / max(abs(self.fid_reference), 1e-12)
+
+    def as_row(self) -> dict:
+        row = asdict(self)
+        row.update(clip_delta=self.clip_delta, fid_delta=self.fid_delta)
+        return row
+
+
+def judge(result: GuardResult) -> GuardResult:
+    """Pass only when CLIP (and FID, if computed) stay within the TEST01 tolerances and no image is broken."""
+    reasons = []
+    if result.broken:
+        reasons.append(f"{len(result.broken)} black or flat images (NaN/overflow): indices {result.broken[:5]}")
+    if result.clip_delta is not None and result.clip_delta > CLIP_TOLERANCE:
+        reasons.append(f"CLIP moved {result.clip_delta:.2%} (> {CLIP_TOLERANCE:.0%})")
+    if result.fid_delta is not None and result.fid_delta > FID_TOLERANCE:
+        reasons.append(f"FID moved {result.fid_delta:.2%} (> {FID_TOLERANCE:.0%})")
+    if reasons:
+        result.verdict = "fail"
+    elif result.clip_delta is not None:
+        result.verdict = "pass"
+    else:
+        result.verdict = "unverified"
+        reasons.append("no CLIP model given: only pixel differences were measured")
+    result.reasons = reasons
+    return result
+
+
+def compare_images(config: str, reference: np.ndarray, test: np.ndarray, clip_scores=None) -> GuardResult:
+    """Pixel and metric comparison of one configuration's images with the reference's (same prompts, same latent).
+
+    ``clip_scores``: optional callable images -> mean CLIP score (from sccsdxl.accuracy), the same for both sets.
+    """
+    if reference.shape != test.shape:
+        raise ParameterError(f"reference images {reference.shape} and {config!r} images {test.shape} differ in shape",
+                             "generate both from the same prompts with the same model")
+    values = [psnr(r, t) for r, t in zip(reference, test)]
+    finite = [v for v in values if np.isfinite(v)] or [float("inf")]
+    result = GuardResult(config=config, samples=len(test), mean_psnr_db=float(np.mean(finite)),
+                         min_psnr_db=float(min(values)),
+                         mean_abs_diff=float(np.mean(np.abs(reference.astype(np.int16) - test.astype(np.int16)))),
+                         broken=broken_images(test))
+    if clip_scores is not None:
+        result.clip_reference, result.clip_test = float(clip_scores(reference)), float(clip_scores(test))
+    return judge(result)

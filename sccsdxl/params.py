@@ -21,6 +21,9 @@ PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
     "run_dir": str, "metric_models": str, "metrics_device": str, "metrics_batch_size": int,  # 05_accuracy
     "fetch": str, "mirror_url": str,  # 01_setup
     "batch_sizes": list, "gpus": list,  # 03_batch_size_sweep
+    "configs": list, "guard_samples": int,  # 04_quantization
+    "submitter": str, "division": str, "category": str, "system_name": str, "system_overrides": dict,  # 06_submission
+    "run_compliance": bool, "checker_path": str, "push_repo": str, "push_branch": str,  # 06_submission
 }
 
 # Which notebook declares which parameters (tests check this against each notebook's parameters cell).
@@ -32,9 +35,15 @@ NOTEBOOK_PARAMETERS: dict[str, list[str]] = {
                     "show_progress", "interactive"],
     "03_batch_size_sweep": ["variant", "model_source", "model_path", "dtype", "device", "optimizations", "mlperf_round",
                             "output_dir", "batch_sizes", "gpus", "warmup_batches", "show_progress", "interactive"],
+    "04_quantization": ["variant", "model_source", "model_path", "device", "batch_size", "configs", "guard_samples",
+                        "metric_models", "metrics_device", "mlperf_round", "output_dir", "data_dir", "warmup_batches",
+                        "show_progress", "interactive"],
     "05_accuracy": ["variant", "model_source", "model_path", "dtype", "batch_size", "device", "mlperf_round",
                     "output_dir", "run_dir", "data_dir", "metric_models", "metrics_device", "metrics_batch_size",
                     "image_grid", "show_progress", "interactive"],
+    "06_submission": ["submitter", "division", "category", "system_name", "run_dir", "mlperf_round", "output_dir",
+                      "system_overrides", "run_compliance", "data_dir", "metric_models", "checker_path", "push_repo",
+                      "push_branch", "show_progress", "interactive"],
 }
 
 INJECTED_MARKER = "# Parameters"  # first line of the cell papermill inserts after the 'parameters' cell

@@ -310,3 +310,247 @@ def compare_images(config: str, reference: np.ndarray, test: np.ndarray, clip_sc
     if clip_scores is not None:
         result.clip_reference, result.clip_test = float(clip_scores(reference)), float(clip_scores(test))
     return judge(result)
+
+
+# ---------------------------------------------------------------- measuring configurations
+
+REFERENCE_SPEC = "fp16:"  # the guard's reference on a GPU: fp16, no options (the CPU has no fast fp16: fp32 there)
+
+
+def reference_spec(device: str) -> str:
+    return REFERENCE_SPEC if device == "cuda" else "fp32:"
+MIN_FID_SAMPLES = 100  # below this, FID of the guard images is noise; only CLIP decides
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """One candidate configuration: a dtype and an optimization string, written 'bf16:compile,fp8'."""
+
+    dtype: str
+    optimizations: Optimizations
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype}:{self.optimizations}" if self.optimizations.names() else f"{self.dtype}:"
+
+
+def parse_config(spec: str) -> ConfigSpec:
+    from .pipeline import DTYPES
+
+    dtype, _, options = spec.partition(":")
+    dtype = dtype.strip()
+    if dtype not in DTYPES:
+        raise ParameterError(f"configuration {spec!r} does not start with a dtype",
+                             f"write configurations as '<dtype>:<options>', dtype one of {', '.join(DTYPES)}, "
+                             "e.g. 'bf16:compile,fp8' or 'fp16:'")
+    return ConfigSpec(dtype, parse_optimizations(options))
+
+
+def check_configs(specs: list[str], device: str) -> list[ConfigSpec]:
+    """Parse and vet every configuration before any GPU time is spent."""
+    if not specs or not all(isinstance(s, str) for s in specs):
+        raise ParameterError(f"configs must be a non-empty list of strings, got {specs!r}",
+                             "pass e.g. -y \"configs: ['fp16:', 'bf16:compile,fp8']\"")
+    parsed = [parse_config(s) for s in specs]
+    for spec in parsed:
+        check_optimizations(spec.optimizations, spec.dtype, device)
+    return parsed
+
+
+def guard_prompts(samples, count: int) -> list[str]:
+    """The first ``count`` captions of the variant: fixed prompts, and the latent is fixed too."""
+    return samples.captions[:max(1, min(count, len(samples)))]
+
+
+def _to_pil(images: np.ndarray):
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in images]
+
+
+def metric_scorers(models, captions: list[str]):
+    """(clip, fid) callables over uint8 image arrays, from sccsdxl.accuracy's metric models (same code as 05)."""
+    from .accuracy import feature_statistics, frechet_distance, inception_features
+
+    def clip(images: np.ndarray) -> float:
+        return float(np.mean(models.clip.scores(_to_pil(images), captions[:len(images)])))
+
+    def fid(images: np.ndarray) -> float:
+        mu, sigma = feature_statistics(inception_features(models.inception, _to_pil(images), models.device))
+        return frechet_distance(models.mu_ref, models.sigma_ref, mu, sigma)
+
+    return clip, fid
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    chain = [exc, exc.__cause__, exc.__context__]
+    return any(isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() for e in chain if e)
+
+
+def _load_done(path: Path) -> dict[str, dict]:
+    import json
+
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["config"]: row for row in rows}
+
+
+def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_models=None, results_dir=None,
+                     show_progress: bool = True) -> list[dict]:
+    """For each configuration: build it, time its first call (compile included), run loadgen's performance
+    test through the harness, and compare its images with the fp16 reference's. Rows are appended to
+    ``results_dir/results.jsonl`` as they finish, so an interrupted evaluation resumes where it stopped."""
+    import json
+    from dataclasses import replace
+
+    from .data import sample_set
+    from .harness import run_benchmark
+    from .pipeline import make_runner, resolve_device
+
+    base.validate()
+    device = resolve_device(base.device, base.model_source)
+    parsed = check_configs(specs, device)
+    results_dir = Path(results_dir or Path(base.output_dir) / "quantization")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    done = _load_done(results_dir / RESULTS_FILE)
+    prompts = guard_prompts(sample_set(base.variant), guard_samples)
+    clip = fid = None
+    if metric_models is not None:
+        clip, fid = metric_scorers(metric_models, prompts)
+    cache_dir = str(Path(base.output_dir) / "cache")
+
+    def build(spec: ConfigSpec):
+        started = time.perf_counter()
+        runner = make_runner(base.model_source, spec.dtype, base.device, base.model_path or None, cache_dir,
+                             optimizations=str(spec.optimizations), data_dir=base.data_dir)
+        loaded = time.perf_counter()
+        images = runner.generate(prompts)  # first call: compilation happens here
+        return runner, images, loaded - started, time.perf_counter() - loaded
+
+    reference_path = results_dir / "reference_images.npy"
+    if reference_path.is_file() and np.load(reference_path, mmap_mode="r").shape[0] == len(prompts):
+        reference = np.load(reference_path)
+    else:
+        runner, reference, _, _ = build(parse_config(reference_spec(device)))
+        np.save(reference_path, reference)
+        del runner
+        _free_gpu()
+    rows = []
+    for spec in parsed:
+        if spec.name in done:
+            rows.append(done[spec.name])
+            continue
+        row: dict[str, Any] = {"config": spec.name, "dtype": spec.dtype, "optimizations": str(spec.optimizations),
+                               "reference": reference_spec(device)}
+        runner = None
+        try:
+            runner, images, load_s, first_call_s = build(spec)
+            run = run_benchmark(replace(base, dtype=spec.dtype, optimizations=str(spec.optimizations)),
+                                modes=("performance",), generator=runner, show_progress=show_progress,
+                                label=f"quant-{spec.dtype}-{'-'.join(spec.optimizations.names()) or 'none'}")
+            perf = run.result("performance")
+            guard = compare_images(spec.name, reference, images, clip)
+            if fid is not None and len(prompts) >= MIN_FID_SAMPLES:
+                guard.fid_reference, guard.fid_test = fid(reference), fid(images)
+                guard = judge(guard)
+            row.update(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
+                       peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
+                       first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
+                       verdict=guard.verdict)
+        except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
+            row.update(status="out of memory" if _is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
+                       verdict="fail")
+        finally:
+            del runner
+            _free_gpu()
+        with open(results_dir / RESULTS_FILE, "a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+        rows.append(row)
+    return rows
+
+
+def results_table(rows: list[dict]):
+    """Speed and accuracy per configuration, with the speed-up over the fp16 reference configuration."""
+    import pandas as pd
+
+    table = pd.DataFrame([{
+        "config": r["config"], "status": r["status"], "samples/s": r.get("samples_per_second"),
+        "peak GiB": (r.get("peak_gpu_memory_bytes") or 0) / 2**30 or None,
+        "first call s": r.get("first_call_seconds"), "verdict": r["verdict"],
+        "PSNR dB": (r.get("guard") or {}).get("mean_psnr_db"), "CLIP delta": (r.get("guard") or {}).get("clip_delta"),
+    } for r in rows]).set_index("config")
+    reference = table["samples/s"].get(rows[0].get("reference", REFERENCE_SPEC)) if rows else None
+    table["speedup"] = table["samples/s"] / reference if reference else None
+    return table
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """The fastest configuration that passed the guard (or, without metric models, was not failed)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["verdict"] == "pass"]
+    if not ok:
+        ok = [r for r in rows if r["status"] == "ok" and r["verdict"] == "unverified"]
+    return max(ok, key=lambda r: r["samples_per_second"] or 0, default=None)
+
+
+def write_tuned_params(output_dir: str | Path, base, row: dict, name: str = "quantized.yaml") -> Path:
+    """The chosen configuration as a papermill parameter file for 05 and 06; an earlier file is kept, renamed."""
+    import yaml
+
+    out = Path(output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    if path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.replace(out / f"{path.stem}-{stamp}{path.suffix}")
+    params = {"variant": base.variant, "model_source": base.model_source, "model_path": base.model_path,
+              "dtype": row["dtype"], "batch_size": base.batch_size, "optimizations": row["optimizations"]
+              if row["optimizations"] != "none" else ""}
+    header = (f"# written by 04_quantization: {row['config']}, {row.get('samples_per_second')} samples/s, "
+              f"guard verdict {row['verdict']}\n")
+    path.write_text(header + yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def resolve_device_for(config) -> str:
+    from .pipeline import resolve_device
+
+    return resolve_device(config.device, config.model_source)
+
+
+def options_table(device: str):
+    """Every option, what it does, and whether it can run on this machine."""
+    import pandas as pd
+
+    available = set(supported_options(device))
+    return pd.DataFrame([{"option": name, "what it does": text, "here": "yes" if name in available else "no"}
+                         for name, text in OPTIONS.items()]).set_index("option")
+
+
+def plot_results(rows: list[dict]):
+    """samples/s per configuration, coloured by the guard's verdict."""
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r["status"] == "ok"]
+    colours = {"pass": "tab:green", "unverified": "tab:gray", "fail": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(len(measured), 1)))
+    ax.barh([r["config"] for r in measured], [r["samples_per_second"] for r in measured],
+            color=[colours[r["verdict"]] for r in measured])
+    ax.set_xlabel("samples/s (loadgen Offline)")
+    ax.set_title("green: passes the accuracy guard; grey: unverified; red: fails")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig

@@ -34,3 +34,27 @@ def rerun_panel(config: RunConfig, run: Callable = run_benchmark, batch_sizes: t
     panel = w.VBox([w.HBox([variant, dtype, batch, button]), output])
     panel.on_click = on_click  # exposed for tests
     return panel
+
+
+def options_picker(configs: list[str]):
+    """Checkboxes for the sccsdxl.quant options and a dtype; 'Add' appends the configuration to ``configs``."""
+    import ipywidgets as w
+
+    from .quant import OPTIONS, parse_config
+
+    dtype = w.Dropdown(options=["bf16", "fp16", "fp32"], value="bf16", description="dtype")
+    boxes = {name: w.Checkbox(description=name, value=False, indent=False) for name in OPTIONS}
+    shown = w.HTML(value="<br>".join(configs))
+
+    def add(_=None):
+        spec = f"{dtype.value}:" + ",".join(n for n, box in boxes.items() if box.value)
+        parse_config(spec)  # the same check the headless run applies
+        configs.append(spec)
+        shown.value = "<br>".join(configs)
+
+    button = w.Button(description="Add configuration")
+    button.on_click(add)
+    panel = w.VBox([dtype, w.GridBox(list(boxes.values()), layout=w.Layout(grid_template_columns="repeat(3, 200px)")),
+                    button, shown])
+    panel.add = add  # exposed for tests
+    return panel

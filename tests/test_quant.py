@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+
+from sccsdxl import quant
+from sccsdxl.errors import ParameterError
+from sccsdxl.pipeline import make_runner
+
+PROMPTS = ["a red bus", "a bowl of fruit"]
+
+
+@pytest.fixture(scope="module")
+def reference_images(tiny_runner):
+    return tiny_runner.generate(PROMPTS)
+
+
+def test_option_strings_round_trip():
+    opts = quant.parse_optimizations("fuse_qkv, compile ,fp8,sdpa=flash")
+    assert opts.fuse_qkv and opts.compile and opts.fp8 and opts.sdpa == "flash" and opts.quantization == "fp8"
+    assert quant.parse_optimizations(str(opts)) == opts
+    assert str(quant.parse_optimizations("")) == "none"
+    assert quant.parse_config("bf16:compile,fp8").name == "bf16:compile,fp8"
+    assert quant.parse_config("fp16:").name == "fp16:"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("fusedqkv", "unknown optimization 'fusedqkv'"),
+    ("sdpa=xformers", "unknown SDPA backend 'xformers'"),
+])
+def test_unknown_options_list_the_known_ones(text, message):
+    with pytest.raises(ParameterError, match=message) as err:
+        quant.parse_optimizations(text)
+    assert "fuse_qkv" in err.value.fix or "flash" in err.value.fix
+
+
+def test_configuration_needs_a_dtype():
+    with pytest.raises(ParameterError, match="does not start with a dtype"):
+        quant.parse_config("compile,fp8")
+
+
+@pytest.mark.parametrize("text,dtype,message", [
+    ("fp8", "bf16", "fp8 needs a GPU with fp8 matmuls"),
+    ("fp8", "fp16", "needs bf16 weights"),
+    ("int8", "bf16", "only fast when compiled"),
+    ("cuda_graphs", "bf16", "apply to compiled regions"),
+    ("fp8,int8", "bf16", "exclude each other"),
+    ("sdpa=flash", "fp32", "needs a GPU"),
+])
+def test_impossible_combinations_are_refused_with_what_works(text, dtype, message):
+    with pytest.raises(ParameterError, match=message) as err:
+        quant.check_optimizations(quant.parse_optimizations(text), dtype, "cpu")
+    assert "fuse_qkv" in err.value.fix and "fp8" not in err.value.fix  # lists what works on the CPU
+
+
+def test_every_cpu_option_builds_and_keeps_the_images(tiny_runner, reference_images):
+    """One build with every option the CPU supports (compile is tested on its own below)."""
+    options = "fuse_qkv,channels_last,vae_no_upcast,vae_slicing,sdpa=math"
+    runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
+    assert runner.info["optimizations"] == options
+    result = quant.compare_images(options, reference_images, runner.generate(PROMPTS))
+    assert result.mean_psnr_db > 60 and not result.broken
+
+
+def test_regional_compilation_builds_on_the_cpu(tiny_runner, reference_images, tmp_path):
+    runner = make_runner("tiny", "fp32", "cpu", optimizations="compile", latent=tiny_runner.latent,
+                         cache_dir=str(tmp_path))
+    assert runner.info["compiled_regions"] > 0 and runner.info["inductor_cache"].startswith(str(tmp_path))
+    result = quant.compare_images("compile", reference_images, runner.generate(PROMPTS))
+    assert result.mean_psnr_db > 40 and not result.broken
+
+
+def test_guard_fails_a_broken_configuration(reference_images):
+    black = np.zeros_like(reference_images)
+    result = quant.compare_images("broken", reference_images, black)
+    assert result.verdict == "fail" and result.broken == [0, 1]
+    assert "black or flat" in result.reasons[0]
+
+
+def test_guard_uses_the_clip_tolerance(reference_images):
+    drifted = quant.compare_images("drift", reference_images, reference_images,
+                                   clip_scores=lambda imgs, s=iter([31.7, 30.0]): next(s))
+    assert drifted.verdict == "fail" and drifted.clip_delta == pytest.approx(1.7 / 31.7)
+    same = quant.compare_images("same", reference_images, reference_images,
+                                clip_scores=lambda imgs: 31.7)
+    assert same.verdict == "pass" and same.clip_delta == 0
+    unverified = quant.compare_images("pixels", reference_images, reference_images)
+    assert unverified.verdict == "unverified"
+
+
+def test_psnr_of_known_difference():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255  # mse = 255^2 / 48
+    assert quant.psnr(a, b) == pytest.approx(10 * np.log10(48))
+    assert quant.psnr(a, a) == float("inf")
+
+
+def test_choice_and_parameter_file(tmp_path):
+    from sccsdxl.harness import RunConfig
+
+    rows = [{"config": "fp16:", "reference": "fp16:", "dtype": "fp16", "optimizations": "none", "status": "ok", "verdict": "pass",
+             "samples_per_second": 1.2},
+            {"config": "bf16:compile,fp8", "dtype": "bf16", "optimizations": "compile,fp8", "status": "ok",
+             "verdict": "fail", "samples_per_second": 2.0},
+            {"config": "bf16:compile", "dtype": "bf16", "optimizations": "compile", "status": "ok",
+             "verdict": "pass", "samples_per_second": 1.5},
+            {"config": "bf16:fuse_qkv", "dtype": "bf16", "optimizations": "fuse_qkv", "status": "out of memory",
+             "verdict": "fail"}]
+    chosen = quant.choose(rows)
+    assert chosen["config"] == "bf16:compile"  # the faster fp8 row failed the guard
+    base = RunConfig(variant="main", model_source="hf", batch_size=8)
+    first = quant.write_tuned_params(tmp_path, base, chosen)
+    second = quant.write_tuned_params(tmp_path, base, rows[0])
+    import yaml
+
+    assert yaml.safe_load(second.read_text())["dtype"] == "fp16"
+    kept = [p for p in tmp_path.glob("quantized-*.yaml")]
+    assert first == second and len(kept) == 1 and yaml.safe_load(kept[0].read_text())["optimizations"] == "compile"
+    table = quant.results_table(rows)
+    assert table.loc["bf16:compile", "speedup"] == pytest.approx(1.25)
+    quant.plot_results(rows)
+
+
+def test_options_table_marks_what_the_machine_lacks():
+    table = quant.options_table("cpu")
+    assert table.loc["fp8", "here"] == "no" and table.loc["fuse_qkv", "here"] == "yes"
+
+
+def test_options_picker_adds_a_checked_configuration():
+    from sccsdxl.widgets import options_picker
+
+    configs = ["fp16:"]
+    panel = options_picker(configs)
+    panel.add()
+    assert configs[-1] == "bf16:"

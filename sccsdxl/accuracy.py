@@ -55,6 +55,9 @@ STANDIN_CLIP_ARCH: dict[str, Any] = {
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+# The stand-in reads pytorch-fid's first block (64 features, its dims=64 option): same class and weights file, and a
+# 64x64 sqrtm instead of 2048x2048 (10-60 s on a small CPU), so CI stays fast.
+STANDIN_FID_DIMS = 64
 STANDIN_FILES = {"clip": "clip-standin.pt", "inception": "inception-standin.pth", "fid_stats": "fid-stats-standin.npz"}
 
 FETCH_HINT = ("fetch the metric files once on a machine with internet: sccsdxl.assets.require('{name}', data_dir) "
@@ -127,15 +130,6 @@ def iter_accuracy_log(path: str | Path, shape: tuple[int, int, int] | None = Non
                         "re-run the accuracy run into a new run directory; a killed run leaves a partial log") from None
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file, read in blocks (the accuracy log can be 31.5 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 # Metric files and models
 # --------------------------------------------------------------------------------------------------
@@ -149,22 +143,24 @@ class MetricFiles:
     fid_stats: Path
     standin: bool = False
     clip_arch: dict | None = None
+    fid_dims: int = FID_DIMS
 
     def as_dict(self) -> dict[str, Any]:
         return {"clip": str(self.clip), "inception": str(self.inception), "fid_stats": str(self.fid_stats),
-                "standin": self.standin}
+                "standin": self.standin, "fid_dims": self.fid_dims}
 
 
-def official_metric_files(data_dir: str | Path) -> MetricFiles:
+def official_metric_files(data_dir: str | Path | None) -> MetricFiles:
     """The real weights and val2014 statistics, from the kit's asset store (DataError with the fetch command if missing)."""
     try:
-        from . import assets
+        from .assets import require
     except ImportError:
-        raise ModelError("the kit's asset module (sccsdxl.assets) is not installed",
+        raise ModelError("the kit's asset module (sccsdxl.assets.require) is not installed",
                          "update the kit (git pull; pip install -e .), or pass explicit paths to load_metric_models") from None
-    return MetricFiles(clip=Path(assets.require(ASSET_NAMES["clip"], data_dir)),
-                       inception=Path(assets.require(ASSET_NAMES["inception"], data_dir)),
-                       fid_stats=Path(assets.require(ASSET_NAMES["fid_stats"], data_dir)))
+    where = data_dir or None  # empty: the kit's default data directory
+    return MetricFiles(clip=Path(require(ASSET_NAMES["clip"], where)),
+                       inception=Path(require(ASSET_NAMES["inception"], where)),
+                       fid_stats=Path(require(ASSET_NAMES["fid_stats"], where)))
 
 
 def make_standin_metric_files(directory: str | Path, seed: int = 0) -> MetricFiles:
@@ -179,11 +175,12 @@ def make_standin_metric_files(directory: str | Path, seed: int = 0) -> MetricFil
     except OSError as exc:
         raise OutputError(f"cannot create {directory}: {exc.strerror}", "pass a writable output_dir") from None
     files = MetricFiles(*(directory / STANDIN_FILES[k] for k in ("clip", "inception", "fid_stats")),
-                        standin=True, clip_arch=STANDIN_CLIP_ARCH)
+                        standin=True, clip_arch=STANDIN_CLIP_ARCH, fid_dims=STANDIN_FID_DIMS)
     if all(p.is_file() for p in (files.clip, files.inception, files.fid_stats)):
         return files
     torch.manual_seed(seed)
-    clip = open_clip.create_model(CLIP_ARCH, pretrained=None, force_quick_gelu=True, **STANDIN_CLIP_ARCH)
+    with _quiet_logging():  # open_clip logs a warning for a model without pretrained weights: that is the point here
+        clip = open_clip.create_model(CLIP_ARCH, pretrained=None, force_quick_gelu=True, **STANDIN_CLIP_ARCH)
     torch.save(clip.state_dict(), files.clip)
     # pytorch-fid's FID blocks only change forward(); their parameters are torchvision's, so this state dict loads
     # into InceptionV3(use_fid_inception=True) exactly as the real pt_inception weights do. He init keeps activations
@@ -194,17 +191,28 @@ def make_standin_metric_files(directory: str | Path, seed: int = 0) -> MetricFil
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(net.state_dict(), files.inception)
     rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(FID_DIMS, 64))
-    sigma = basis @ basis.T * 1e-4 + np.diag(rng.uniform(1e-3, 2e-3, FID_DIMS))
-    np.savez(files.fid_stats, mu=rng.uniform(0.2, 0.5, FID_DIMS), sigma=sigma)
+    dims = STANDIN_FID_DIMS
+    basis = rng.normal(size=(dims, dims))
+    sigma = basis @ basis.T * 1e-3 + np.diag(rng.uniform(1e-3, 2e-3, dims))
+    np.savez(files.fid_stats, mu=rng.uniform(0.2, 0.5, dims), sigma=sigma)
     return files
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def metric_files_for(metric_models: str, data_dir: str | Path, output_dir: str | Path) -> MetricFiles:
     """The notebook's choice: the real files from data_dir, or stand-ins made under output_dir."""
-    if metric_models not in METRIC_MODELS:
-        raise ParameterError(f"unknown metric_models {metric_models!r}",
-                             "use official (real CLIP/Inception weights and val2014 statistics) or standin (CI only)")
+    check_metric_parameters(metric_models, "cpu", 1)
     if metric_models == "standin":
         return make_standin_metric_files(Path(output_dir).expanduser() / "standin-metric-models")
     return official_metric_files(data_dir)
@@ -222,6 +230,21 @@ def resolve_metrics_device(name: str) -> str:
         raise DeviceError(f"metrics_device 'cuda' was asked for but torch {torch.__version__} sees no GPU",
                           "use -p metrics_device cpu (slower, same scores up to float rounding) or run on a GPU node")
     return name
+
+
+def check_metric_parameters(metric_models: str, metrics_device: str, metrics_batch_size: int) -> str:
+    """Stop on a bad metric parameter before any model loads or image is generated; returns the metric device."""
+    if metric_models not in METRIC_MODELS:
+        raise ParameterError(f"unknown metric_models {metric_models!r}",
+                             "use official (real CLIP/Inception weights and val2014 statistics) or standin (CI only)")
+    _check_batch_size(metrics_batch_size)
+    return resolve_metrics_device(metrics_device)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ParameterError(f"metrics_batch_size must be an integer >= 1, got {batch_size!r}",
+                             "use 1 (exactly as the MLPerf script) or a larger number for speed")
 
 
 def _require_file(path: str | Path, what: str, asset: str, error: type[KitError]) -> Path:
@@ -262,7 +285,7 @@ class ClipScorer:
         return image_features, text_features
 
     def scores(self, images: Sequence, captions: Sequence[str]) -> list[float]:
-        """Per-pair CLIP score; one pair per call gives the script's numbers bit for bit."""
+        """Per-pair CLIP score; one pair per call is exactly the script's computation."""
         image_features, text_features = self.features(images, captions)
         similarity = (image_features @ text_features.T).diagonal()
         return [100 * value for value in similarity.cpu().tolist()]
@@ -284,15 +307,40 @@ def load_clip(path: str | Path, device: str = "cpu", arch: dict | None = None) -
     except Exception as exc:  # noqa: BLE001 - any load failure means the file is not the expected weights
         raise ModelError(f"{path} is not a usable open_clip ViT-B-32 checkpoint ({type(exc).__name__}: {exc})",
                          "fetch it again: " + FETCH_HINT.format(name=ASSET_NAMES["clip"])) from None
+    _round_like_openai_loader(model)
     model.eval()
     return ClipScorer(model, preprocess, open_clip.tokenize, device)
+
+
+_FP16_ATTRIBUTES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k",
+                    "bias_v", "text_projection", "proj")
+
+
+def _round_like_openai_loader(model) -> None:
+    """Round the weights open_clip 2.26.1 passes through fp16 when it loads 'openai' (conv/linear/attention/projections).
+
+    The MLPerf script gets its model that way; OpenAI's checkpoint already stores these layers in fp16, so for
+    the real weights this changes nothing, and for any other file it keeps the scores the script's (checked against
+    open_clip 2.26.1 on random weights: equal to about 1e-6 per sample, float32 rounding of the two versions).
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = []
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+                tensors += [module.weight, module.bias]
+            tensors += [getattr(module, name, None) for name in _FP16_ATTRIBUTES]
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
 
 
 _FID_BUILD_LOCK = threading.Lock()
 
 
-def load_inception(path: str | Path, device: str = "cpu"):
-    """pytorch-fid's InceptionV3 (pool3, use_fid_inception=True), built by pytorch-fid itself with local weights.
+def load_inception(path: str | Path, device: str = "cpu", dims: int = FID_DIMS):
+    """pytorch-fid's InceptionV3 (pool3 for dims 2048, use_fid_inception=True), built by pytorch-fid itself, local weights.
 
     pytorch-fid's fid_inception_v3() fetches pt_inception-2015-12-05 by URL; here its URL loader is pointed at
     the local file for the duration of the build, so the module is exactly the one pytorch-fid makes.
@@ -307,7 +355,7 @@ def load_inception(path: str | Path, device: str = "cpu"):
 
     try:
         with _FID_BUILD_LOCK, _patched(fid_inception, "load_state_dict_from_url", local_weights):
-            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FID_DIMS]],
+            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]],
                                               use_fid_inception=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{path} is not a usable FID Inception checkpoint ({type(exc).__name__}: {exc})",
@@ -325,7 +373,7 @@ def _patched(module, name: str, value):
         setattr(module, name, original)
 
 
-def load_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_fid_stats(path: str | Path, dims: int = FID_DIMS) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference images (val2014.npz: mu 2048, sigma 2048x2048)."""
     path = _require_file(path, "FID reference statistics (val2014.npz)", ASSET_NAMES["fid_stats"], DataError)
     try:
@@ -334,9 +382,9 @@ def load_fid_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path} is not an FID statistics file with 'mu' and 'sigma' ({type(exc).__name__}: {exc})",
                         "fetch it again: " + FETCH_HINT.format(name=ASSET_NAMES["fid_stats"])) from None
-    if mu.shape != (FID_DIMS,) or sigma.shape != (FID_DIMS, FID_DIMS):
-        raise DataError(f"{path} holds mu {mu.shape} and sigma {sigma.shape}, expected ({FID_DIMS},) and "
-                        f"({FID_DIMS}, {FID_DIMS})", "fetch val2014.npz again: "
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        raise DataError(f"{path} holds mu {mu.shape} and sigma {sigma.shape}, expected ({dims},) and "
+                        f"({dims}, {dims})", "fetch val2014.npz again: "
                         + FETCH_HINT.format(name=ASSET_NAMES["fid_stats"]))
     return mu, sigma
 
@@ -359,9 +407,9 @@ class MetricModels:
 
 def load_metric_models(files: MetricFiles, device: str = "cpu") -> MetricModels:
     """Load all three (fails before any image is read if a file is missing or wrong)."""
-    mu, sigma = load_fid_stats(files.fid_stats)
+    mu, sigma = load_fid_stats(files.fid_stats, files.fid_dims)
     clip = load_clip(files.clip, device, files.clip_arch)
-    inception = load_inception(files.inception, device)
+    inception = load_inception(files.inception, device, files.fid_dims)
     return MetricModels(clip, inception, mu, sigma, device, files)
 
 
@@ -412,8 +460,11 @@ def frechet_distance(mu_ref: np.ndarray, sigma_ref: np.ndarray, mu: np.ndarray, 
     """pytorch-fid's Fréchet distance, reference statistics first as in the script (sqrtm is not symmetric in rounding)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
+    from scipy.linalg import LinAlgWarning
+
     try:
-        with contextlib.redirect_stdout(io.StringIO()) as said:
+        with contextlib.redirect_stdout(io.StringIO()) as said, warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinAlgWarning)  # a subset's covariance is singular by construction
             value = calculate_frechet_distance(mu_ref, sigma_ref, mu, sigma)
     except ValueError as exc:  # pytorch-fid: large imaginary component in sqrtm
         raise DataError(f"the FID computation failed: {exc}",
@@ -473,6 +524,11 @@ class AccuracyResult:
         return FID_BOUNDS[0] <= self.fid_score <= FID_BOUNDS[1]
 
     @property
+    def clip_standard_error(self) -> float:
+        """Standard error of the CLIP mean: how far a subset's mean may sit from the 5000-sample one."""
+        return float(self.per_sample["clip"].std(ddof=1) / math.sqrt(self.n_images))
+
+    @property
     def passes(self) -> bool:
         return self.clip_pass and self.fid_pass and not self.standin
 
@@ -482,7 +538,9 @@ class AccuracyResult:
         if not self.full_dataset:
             notes.append(f"Subset of {self.n_images} images: FID against the {DATASET_ROWS}-image val2014 statistics is "
                          f"NOT comparable to the bound (it is large for any model at 50 or 500 images: about 235 "
-                         f"and 84 for the reference); CLIP is comparable (a mean over the same kind of samples).")
+                         f"and 84 for the reference). CLIP is comparable, within its sampling error of about "
+                         f"±{self.clip_standard_error:.3f} (per-sample std / sqrt(n); the window is "
+                         f"{CLIP_BOUNDS[1] - CLIP_BOUNDS[0]:.3f} wide).")
         if tuple(self.image_shape) != RESPONSE_SHAPE:
             notes.append(f"Images are {self.image_shape[1]}x{self.image_shape[0]}, not {RESPONSE_SHAPE[1]}x"
                          f"{RESPONSE_SHAPE[0]}: a test model, not SDXL; the scores say nothing about a submission.")
@@ -514,7 +572,7 @@ class AccuracyResult:
             "standin": self.standin, "warning": STANDIN_WARNING if self.standin else None, "notes": self.notes(),
             "images": self.n_images, "image_shape": list(self.image_shape),
             "per_sample_clip": {"min": float(clip.min()), "median": float(clip.median()), "max": float(clip.max()),
-                                "std": float(clip.std(ddof=0))},
+                                "std": float(clip.std(ddof=1)), "standard_error": self.clip_standard_error},
             "log": self.log_path, "log_sha256": self.log_sha256, "device": self.device, "batch_size": self.batch_size,
             "seconds": round(self.seconds, 2), "compliance_images": self.compliance_saved, "files": self.files,
         }
@@ -529,6 +587,16 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def _within(stream: Iterator[tuple[int, np.ndarray]], n: int, log_path) -> Iterator[tuple[int, np.ndarray]]:
+    """Stop at the first qsl_idx the run's samples.tsv does not have (a log from another variant or run)."""
+    for idx, image in stream:
+        if idx >= n:
+            raise DataError(f"{log_path} holds qsl_idx {idx}, but the run's samples.tsv lists only {n} samples "
+                            f"(0..{n - 1})", "score the log with the samples.tsv of the run that wrote it "
+                            "(pass that run's directory); a log from another variant cannot be scored here")
+        yield idx, image
 
 
 def _thumbnail(image: np.ndarray, side: int = 256) -> np.ndarray:
@@ -550,42 +618,28 @@ def evaluate_log(log_path: str | Path, samples, models: MetricModels, *, batch_s
     from PIL import Image
     from tqdm.auto import tqdm
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ParameterError(f"metric batch size must be an integer >= 1, got {batch_size!r}",
-                             "use 1 (exactly as the MLPerf script) or a larger number for speed")
+    _check_batch_size(batch_size)
     n = len(samples)
     wanted = {int(i) for i in compliance_ids if 0 <= int(i) < n}
     started = time.perf_counter()
     digest = hashlib.sha256()
-    features = np.empty((n, FID_DIMS))  # float64, like pytorch-fid's pred_arr
+    features = np.empty((n, models.files.fid_dims))  # float64, like pytorch-fid's pred_arr
     rows: list[dict[str, Any]] = []
     thumbnails: list[tuple[int, str, float, np.ndarray]] = []
     saved: list[int] = []
     shape: tuple[int, int, int] | None = None
     bar = tqdm(total=n, desc="CLIP + Inception", unit="image", disable=not show_progress, mininterval=1.0)
 
-    def checked(stream):
-        for idx, image in stream:
-            if idx >= n:
-                raise DataError(f"{log_path} holds qsl_idx {idx}, but the run's samples.tsv lists only {n} samples "
-                                f"(0..{n - 1})", "score the log with the samples.tsv of the run that wrote it "
-                                "(pass that run's directory); a log from another variant cannot be scored here")
-            yield idx, image
-
+    table = samples.table
     try:
         with reference_precision():
-            for batch in _batches(checked(iter_accuracy_log(log_path, digest=digest)), batch_size):
+            for batch in _batches(_within(iter_accuracy_log(log_path, digest=digest), n, log_path), batch_size):
                 shape = shape or tuple(batch[0][1].shape)
                 pils = [Image.fromarray(image).convert("RGB") for _, image in batch]
                 captions = [samples.caption(idx) for idx, _ in batch]
                 clip = models.clip.scores(pils, captions)
-                start = len(rows)
-                if start + len(batch) > n:
-                    raise DataError(f"{log_path} holds more unique samples than the {n} in samples.tsv",
-                                    "score the log with the run directory that wrote it")
-                features[start:start + len(batch)] = inception_features(models.inception, pils, models.device)
+                features[len(rows):len(rows) + len(batch)] = inception_features(models.inception, pils, models.device)
                 for (idx, image), pil, caption, score in zip(batch, pils, captions, clip):
-                    table = samples.table
                     rows.append({"qsl_idx": idx, "source_row": int(table["source_row"].iat[idx]),
                                  "id": int(table["id"].iat[idx]), "caption": caption, "clip": score})
                     if idx in wanted and images_dir is not None:
@@ -708,3 +762,36 @@ def plot_clip_distribution(result: AccuracyResult):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Notebook steps
+# --------------------------------------------------------------------------------------------------
+
+def open_run(config, run_dir: str = "", show_progress: bool = True):
+    """The run to score: an existing run directory, or a new accuracy-mode run made with ``config`` now."""
+    from .harness import load_run, run_benchmark
+
+    if run_dir:
+        run = load_run(Path(run_dir).expanduser())
+        if not (run.run_dir / ACCURACY_DIR / ACCURACY_LOG).is_file():
+            raise DataError(f"{run.run_dir} has no {ACCURACY_DIR}/{ACCURACY_LOG}: its accuracy mode never ran",
+                            "pass a run made with the accuracy mode, or run_dir '' to make one now")
+        return run
+    return run_benchmark(config.validate(), modes=("accuracy",), show_progress=show_progress)
+
+
+def accuracy_record(result: AccuracyResult, run, params: dict[str, Any], mlperf_round: str) -> dict[str, Any]:
+    """The 05_accuracy record: scores, verdicts, caveats, where the files went (per-sample scores stay in scores.json)."""
+    from .rounds import get_round
+
+    valid_model = bool(run.record.get("valid_for_accuracy", False))
+    notes = result.notes()
+    if not valid_model:
+        notes.append(f"model_source {run.record.get('config', {}).get('model_source')!r} is not SDXL with real weights: "
+                     "the images, and so the scores, mean nothing for a submission.")
+    return {
+        "run_dir": str(run.run_dir), "round": get_round(mlperf_round).name, "parameters": params,
+        "valid_for_accuracy": valid_model, **result.summary(), "notes": notes,
+        "accuracy_txt": result.files.get("accuracy_txt"), "scores_json": result.files.get("scores_json"),
+    }

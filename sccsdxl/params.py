@@ -38,7 +38,7 @@ NOTEBOOK_PARAMETERS: dict[str, list[str]] = {
     "04_quantization": ["variant", "model_source", "model_path", "device", "batch_size", "configs", "guard_samples",
                         "metric_models", "metrics_device", "mlperf_round", "output_dir", "data_dir", "warmup_batches",
                         "show_progress", "interactive"],
-    "05_accuracy": ["variant", "model_source", "model_path", "dtype", "batch_size", "device", "mlperf_round",
+    "05_accuracy": ["variant", "model_source", "model_path", "dtype", "batch_size", "optimizations", "device", "mlperf_round",
                     "output_dir", "run_dir", "data_dir", "metric_models", "metrics_device", "metrics_batch_size",
                     "image_grid", "show_progress", "interactive"],
     "06_submission": ["submitter", "division", "category", "system_name", "run_dir", "mlperf_round", "output_dir",

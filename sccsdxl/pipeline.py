@@ -115,9 +115,19 @@ def clip_tokenizer_files(directory: Path) -> Path:
     byte_tokens = list(oc_tokenizer.bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    _write_atomic(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}))
+    _write_atomic(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return directory
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Processes starting together (one per GPU) never read a half-written file."""
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(fh.name, path)
 
 
 def build_clip_tokenizers(cache_dir: Path | None = None):
@@ -257,6 +267,7 @@ class SDXLRunner:
     dtype: str = "fp16"
     info: dict = field(default_factory=dict)
     sdpa: str = "auto"  # attention backend (sccsdxl.quant.SDPA_BACKENDS)
+    pad_to: int = 0  # compiled models: pad short batches to this size so no new graph is compiled mid-run
 
     @property
     def device(self):
@@ -280,6 +291,12 @@ class SDXLRunner:
 
     def generate(self, prompts: list[str]) -> np.ndarray:
         """(B, H, W, 3) uint8 images, one per prompt, all from the fixed latent."""
+        count = len(prompts)
+        if 0 < count < self.pad_to:  # the extra rows repeat the last prompt and are dropped
+            return self._generate(list(prompts) + [prompts[-1]] * (self.pad_to - count))[:count]
+        return self._generate(prompts)
+
+    def _generate(self, prompts: list[str]) -> np.ndarray:
         import torch
 
         from .quant import sdpa_context

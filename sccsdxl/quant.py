@@ -161,6 +161,8 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
 
     names = {"BasicTransformerBlock"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set())
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # one static graph per batch shape: a ragged batch must not switch every later call to dynamic-shape kernels
+    torch._dynamo.config.automatic_dynamic_shapes = False
     mode = "reduce-overhead" if cuda_graphs else None
     count = 0
     for module in unet.modules():

@@ -132,3 +132,13 @@ def test_options_picker_adds_a_checked_configuration():
     panel = options_picker(configs)
     panel.add()
     assert configs[-1] == "bf16:"
+
+
+def test_padded_batches_return_only_the_asked_images(tiny_runner):
+    alone = tiny_runner.generate(["a red bus"])
+    tiny_runner.pad_to = 3
+    try:
+        padded = tiny_runner.generate(["a red bus"])
+    finally:
+        tiny_runner.pad_to = 0
+    assert padded.shape == alone.shape and np.abs(padded.astype(int) - alone).max() <= 1

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from . import constants as C
-from .errors import DataError, KitError, OutputError, ParameterError
+from .errors import DataError, KitError, ParameterError
+from .record import unique_dir
 
 TESTS = ("TEST01", "TEST04")
 COMPLIANCE_DIR = "compliance"  # inside a run directory
@@ -117,20 +118,7 @@ def write_audit_config(test: str, directory: str | Path) -> Path:
 
 def new_test_dir(run_dir: str | Path, test: str) -> Path:
     """A fresh ``<run_dir>/compliance/<TEST>[-n]``: an earlier audit is never overwritten."""
-    root = Path(run_dir) / COMPLIANCE_DIR
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            path = root / (test if n == 1 else f"{test}-{n}")
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as exc:
-        raise OutputError(f"cannot create a compliance directory in {root}: {exc.strerror}",
-                          "make the run directory writable") from None
-    raise OutputError(f"{root} already holds 999 runs of {test}", "remove old ones")
+    return unique_dir(Path(run_dir) / COMPLIANCE_DIR, test, f"a {test} directory")
 
 
 def latest_results(run_dir: str | Path) -> dict[str, ComplianceResult]:

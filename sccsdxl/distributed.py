@@ -35,7 +35,9 @@ import numpy as np
 
 from . import constants as C
 from .errors import DeviceError, KitError, ParameterError
-from .harness import MODES, RUN_FILE, BenchmarkRun, RunConfig, results_table, run_benchmark, write_json
+from .harness import (MODES, RUN_FILE, BenchmarkRun, RunConfig, list_run_dirs, results_table, run_benchmark,
+                      write_json)
+from .pipeline import free_gpu_memory
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = 1800.0  # longest silence allowed from a peer: one batch plus model loading, generously
@@ -432,7 +434,7 @@ def _serve_batch(runner, prompts: list[str], device: str, timeout_s: float) -> N
     except Exception as exc:  # noqa: BLE001 - rank 0 decides; the message says what happened here
         failure = {"op": "error", "error": _error_text(exc), "oom": is_oom(exc)}
     if failure is not None:  # outside the except block, so that the failed batch's tensors can be freed
-        _free_memory()
+        free_gpu_memory()
         send_message(failure, 0, timeout_s)
         return
     send_message({"op": "images", "shape": list(images.shape)}, 0, timeout_s)
@@ -446,22 +448,6 @@ def _await_stop(timeout_s: float) -> None:
             pass
     except KitError:
         pass
-
-
-def _free_memory() -> None:
-    """Give cached GPU memory back after a failed batch (an out-of-memory error leaves it fragmented)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _run_dirs(output_dir: str) -> set[Path]:
-    root = Path(output_dir).expanduser() / "runs"
-    return set(root.iterdir()) if root.is_dir() else set()
 
 
 def _annotate(run_dir: Path, extra: dict) -> dict:
@@ -479,7 +465,7 @@ def run_main(config: RunConfig, modes: tuple[str, ...], cluster: Cluster, backen
     and record per-rank facts in run.json."""
     remotes = [RemoteReplica(rank, "cpu", timeout_s) for rank in range(1, cluster.world_size)]
     facts = {"world_size": cluster.world_size, "launcher": cluster.launcher, "backend": backend, "timeout_s": timeout_s}
-    before = _run_dirs(config.output_dir)
+    before = list_run_dirs(config.output_dir)
     local, infos = None, []
     try:
         started = time.perf_counter()
@@ -497,7 +483,7 @@ def run_main(config: RunConfig, modes: tuple[str, ...], cluster: Cluster, backen
                             label=label or default_label(config, cluster.world_size))
     except BaseException as exc:
         facts["ranks"] = _rank_table(infos, local, remotes, [remote.stop() for remote in remotes])
-        for run_dir in sorted(_run_dirs(config.output_dir) - before):
+        for run_dir in sorted(list_run_dirs(config.output_dir) - before):
             _annotate(run_dir, {"status": "failed", "error": getattr(exc, "message", _error_text(exc)),
                                 "distributed": facts})
         raise
@@ -640,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = cluster_from_env()
         config = RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)}).validate()
         modes = _modes(args.modes)
-        before = _run_dirs(config.output_dir)
+        before = list_run_dirs(config.output_dir)
         if cluster.is_main:
             signal.signal(signal.SIGTERM, _on_sigterm)
         backend = None
@@ -669,7 +655,7 @@ def _fail(cluster: Cluster, args: argparse.Namespace | None, before: set[Path] |
     """Print the message; rank 0 also writes the result file and says where the partial run is."""
     print(f"sccsdxl: rank {cluster.rank}: {message}", file=sys.stderr, flush=True)
     if cluster.is_main and args is not None:
-        made = sorted(_run_dirs(args.output_dir) - before) if before is not None else []
+        made = sorted(list_run_dirs(args.output_dir) - before) if before is not None else []
         _write_result(args.result_file, {"ok": False, "error": message, "oom": oom,
                                          "run_dir": str(made[-1]) if made else None})
         if made:

@@ -125,24 +125,16 @@ def user_conf_text(n_samples: int, variant: str, target_qps: float) -> str:
 
 def new_run_dir(output_dir: str | Path, label: str) -> Path:
     """A fresh directory under <output_dir>/runs; an earlier run is never reused or overwritten."""
-    root = Path(output_dir).expanduser() / "runs"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {root}: {exc.strerror}",
-                          "pass a writable directory with -p output_dir <dir>") from None
+    from .record import unique_dir
+
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        path = root / (f"{stamp}-{label}" + (f"-{n}" if n else ""))
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputError(f"cannot create {path}: {exc.strerror}",
-                              "pass a writable directory with -p output_dir <dir>") from None
-    raise OutputError(f"too many runs named {stamp}-{label} in {root}", "wait a second and run again")
+    return unique_dir(Path(output_dir).expanduser() / "runs", f"{stamp}-{label}", "a run directory", first_suffix=0)
+
+
+def list_run_dirs(output_dir: str | Path) -> set[Path]:
+    """The run directories under <output_dir>/runs now (to find the one a call has just made)."""
+    root = Path(output_dir).expanduser() / "runs"
+    return set(root.iterdir()) if root.is_dir() else set()
 
 
 def parse_detail_log(path: Path) -> dict:

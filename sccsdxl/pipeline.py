@@ -252,6 +252,17 @@ def quiet_diffusers() -> None:
     warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
 
 
+def free_gpu_memory() -> None:
+    """Give cached GPU memory back (after a model is dropped or an out-of-memory batch left it fragmented)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def parameter_counts(pipe) -> dict[str, int]:
     names = ("unet", "vae", "text_encoder", "text_encoder_2")
     return {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in names}

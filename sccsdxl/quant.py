@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeviceError, ParameterError
+from .errors import ParameterError
 
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
@@ -385,16 +385,6 @@ def metric_scorers(models, captions: list[str]):
     return clip, fid
 
 
-def _free_gpu() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -421,7 +411,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
 
     from .data import sample_set
     from .harness import run_benchmark
-    from .pipeline import make_runner, resolve_device
+    from .pipeline import free_gpu_memory, make_runner, resolve_device
 
     base.validate()
     device = resolve_device(base.device, base.model_source)
@@ -450,7 +440,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
         runner, reference, _, _ = build(parse_config(reference_spec(device)))
         np.save(reference_path, reference)
         del runner
-        _free_gpu()
+        free_gpu_memory()
     rows = []
     for spec in parsed:
         if spec.name in done:
@@ -478,7 +468,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
                        verdict="fail")
         finally:
             del runner
-            _free_gpu()
+            free_gpu_memory()
         with open(results_dir / RESULTS_FILE, "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         rows.append(row)

@@ -11,6 +11,23 @@ from .errors import OutputError
 RECORDS_ARCHIVE = "records"
 
 
+def unique_dir(root: Path, name: str, what: str, first_suffix: int = 1) -> Path:
+    """Create ``root/name`` (or ``name-2``, ``name-3``, ... if taken): a fresh directory, never a reused one."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(first_suffix, 1000):
+            path = root / (name if n == first_suffix else f"{name}-{n}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} in {root}: {exc.strerror}",
+                          "pass a writable directory with -p output_dir <dir>") from None
+    raise OutputError(f"{root} already holds 999 of {what} named {name}", "use another output_dir or remove old ones")
+
+
 def write_record(output_dir: str | Path, notebook: str, payload: dict[str, Any]) -> Path:
     """Write the notebook's record; an earlier record of the same notebook is moved to records/, never lost."""
     out = Path(output_dir).expanduser()

@@ -41,6 +41,7 @@ from typing import Any
 
 from . import constants as C
 from .errors import KitError, OutputError, ParameterError
+from .record import unique_dir
 from .rounds import DEFAULT_ROUND, Round, compliance_ids, get_round, round_of_seeds
 
 BENCHMARK = C.MODEL_NAME
@@ -692,21 +693,9 @@ def layout_paths(layout: str, root: Path, system: str) -> dict[str, Path]:
 
 def new_submission_dir(output_dir: Path, team: str) -> Path:
     """A fresh ``<output_dir>/submissions/<stamp>-<team>[-n]``; an earlier submission is never reused."""
-    root = Path(output_dir).expanduser() / SUBMISSIONS_DIR
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for n in range(1000):
-            path = root / (f"{stamp}-{team}" + (f"-{n}" if n else ""))
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as exc:
-        raise OutputError(f"cannot create a submission directory in {root}: {exc.strerror}",
-                          "pass a writable directory with -p output_dir <dir>") from None
-    raise OutputError(f"too many submissions named {stamp}-{team} in {root}", "wait a second and build again")
+    return unique_dir(Path(output_dir).expanduser() / SUBMISSIONS_DIR, f"{stamp}-{team}", "a submission directory",
+                      first_suffix=0)
 
 
 def _inside(path: Path, base: Path) -> Path:

@@ -13,7 +13,6 @@ goes on; points that failed otherwise are tried again on the next run.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -28,7 +27,8 @@ from typing import Callable, Iterable
 
 from .distributed import is_oom, load_runner
 from .errors import DeviceError, KitError, OutputError, ParameterError
-from .harness import RUN_FILE, RunConfig, run_benchmark, write_json
+from .harness import RUN_FILE, RunConfig, list_run_dirs, run_benchmark, write_json
+from .pipeline import free_gpu_memory
 
 SWEEP_DIR = "sweep"
 POINTS_FILE = "points.jsonl"
@@ -189,18 +189,7 @@ def _cuda_device(generator):
     return device if device.type == "cuda" else None
 
 
-def free_memory() -> None:
-    """Give cached GPU memory back after an out-of-memory point, so that the next point starts clean."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _run_dirs(output_dir: str) -> set[Path]:
-    root = Path(output_dir).expanduser() / "runs"
-    return set(root.iterdir()) if root.is_dir() else set()
+free_memory = free_gpu_memory  # patched in tests
 
 
 def run_point(config: RunConfig, batch_size: int, generator, show_progress: bool = False) -> SweepPoint:
@@ -210,7 +199,7 @@ def run_point(config: RunConfig, batch_size: int, generator, show_progress: bool
     device = _cuda_device(generator)
     if device is not None:
         torch.cuda.reset_peak_memory_stats(device)
-    before = _run_dirs(config.output_dir)
+    before = list_run_dirs(config.output_dir)
     started = time.perf_counter()
     run, status, error = None, "ok", None
     try:
@@ -222,7 +211,7 @@ def run_point(config: RunConfig, batch_size: int, generator, show_progress: bool
     peak = int(torch.cuda.max_memory_allocated(device)) if device is not None else None
     if status != "ok":
         free_memory()
-    made = sorted(_run_dirs(config.output_dir) - before)
+    made = sorted(list_run_dirs(config.output_dir) - before)
     perf = (run.result("performance") or {}) if run else {}
     if run is not None and getattr(generator, "info", None):
         run.record["model"] = dict(generator.info)

@@ -24,16 +24,19 @@ def ci_params() -> dict:
     return yaml.safe_load(CI_PARAMS.read_text())
 
 
-@pytest.fixture
-def run_notebook(tmp_path, ci_params):
-    """Execute notebooks/<stem>.ipynb headless with params/ci.yaml (+ overrides); returns (output nb, output_dir)."""
+def execute_notebook(stem: str, work: Path, params: dict) -> tuple[Path, Path]:
+    """Run notebooks/<stem>.ipynb headless in ``work`` with ``params`` (output_dir defaults to work/output)."""
     import papermill as pm
 
-    def run(stem: str, **overrides):
-        params = {**ci_params, "output_dir": str(tmp_path / "output"), **overrides}
-        out = tmp_path / f"{stem}.out.ipynb"
-        pm.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(out), parameters=params, cwd=str(tmp_path),
-                            kernel_name="python3", progress_bar=False)
-        return out, Path(params["output_dir"])
+    params = {"output_dir": str(work / "output"), **params}
+    out = work / f"{stem}.out.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / f"{stem}.ipynb"), str(out), parameters=params, cwd=str(work),
+                        kernel_name="python3", progress_bar=False)
+    return out, Path(params["output_dir"])
 
-    return run
+
+@pytest.fixture
+def run_notebook(tmp_path, ci_params):
+    """Execute a notebook with params/ci.yaml (+ overrides); returns (output notebook, output_dir)."""
+    return lambda stem, **overrides: execute_notebook(stem, tmp_path, {**ci_params, "output_dir": str(tmp_path / "output"),
+                                                                      **overrides})

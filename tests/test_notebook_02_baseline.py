@@ -12,15 +12,10 @@ pytestmark = pytest.mark.notebook
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, ci_params):
-    import papermill as pm
-
-    from conftest import NOTEBOOKS
+    from conftest import execute_notebook
 
     work = tmp_path_factory.mktemp("nb02")
-    output_dir = work / "output"
-    pm.execute_notebook(str(NOTEBOOKS / "02_baseline.ipynb"), str(work / "out.ipynb"),
-                        parameters={**ci_params, "output_dir": str(output_dir)}, cwd=str(work),
-                        kernel_name="python3", progress_bar=False)
+    _, output_dir = execute_notebook("02_baseline", work, {**ci_params, "output_dir": str(work / "output")})
     return json.loads((output_dir / "02_baseline.json").read_text())
 
 

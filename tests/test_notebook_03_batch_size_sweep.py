@@ -12,15 +12,11 @@ pytestmark = pytest.mark.notebook
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, ci_params):
-    import papermill as pm
-
-    from conftest import NOTEBOOKS
+    from conftest import execute_notebook
 
     work = tmp_path_factory.mktemp("nb03")
-    output_dir = work / "output"
-    pm.execute_notebook(str(NOTEBOOKS / "03_batch_size_sweep.ipynb"), str(work / "out.ipynb"),
-                        parameters={**ci_params, "output_dir": str(output_dir), "batch_sizes": [8, 4],
-                                    "warmup_batches": 0}, cwd=str(work), kernel_name="python3", progress_bar=False)
+    _, output_dir = execute_notebook("03_batch_size_sweep", work, {**ci_params, "output_dir": str(work / "output"),
+                                                                    "batch_sizes": [8, 4], "warmup_batches": 0})
     return json.loads((output_dir / "03_batch_size_sweep.json").read_text()), output_dir
 
 

@@ -21,7 +21,7 @@ PARAMETER_TYPES: dict[str, type | tuple[type, ...]] = {
     "run_dir": str, "metric_models": str, "metrics_device": str, "metrics_batch_size": int,  # 05_accuracy
     "fetch": str, "mirror_url": str,  # 01_setup
     "batch_sizes": list, "gpus": list,  # 03_batch_size_sweep
-    "configs": list, "guard_samples": int,  # 04_quantization
+    "configs": list, "guard_samples": int, "warm_start": bool,  # 04_quantization
     "submitter": str, "division": str, "category": str, "system_name": str, "system_overrides": dict,  # 06_submission
     "run_compliance": bool, "checker_path": str, "push_repo": str, "push_branch": str,  # 06_submission
 }
@@ -37,7 +37,7 @@ NOTEBOOK_PARAMETERS: dict[str, list[str]] = {
                             "output_dir", "batch_sizes", "gpus", "warmup_batches", "show_progress", "interactive"],
     "04_quantization": ["variant", "model_source", "model_path", "device", "batch_size", "configs", "guard_samples",
                         "metric_models", "metrics_device", "mlperf_round", "output_dir", "data_dir", "warmup_batches",
-                        "show_progress", "interactive"],
+                        "warm_start", "show_progress", "interactive"],
     "05_accuracy": ["variant", "model_source", "model_path", "dtype", "batch_size", "optimizations", "device", "mlperf_round",
                     "output_dir", "run_dir", "data_dir", "metric_models", "metrics_device", "metrics_batch_size",
                     "image_grid", "show_progress", "interactive"],

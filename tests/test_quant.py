@@ -142,3 +142,15 @@ def test_padded_batches_return_only_the_asked_images(tiny_runner):
     finally:
         tiny_runner.pad_to = 0
     assert padded.shape == alone.shape and np.abs(padded.astype(int) - alone).max() <= 1
+
+
+def test_warm_start_reuses_the_compile_cache(tmp_path):
+    """A second process with the same output_dir finds the compiled kernels on disk."""
+    from sccsdxl.harness import RunConfig
+
+    base = RunConfig(variant="base", model_source="tiny", device="cpu", output_dir=str(tmp_path))
+    cold = quant.warm_start_seconds(base, "fp32:compile", 2)
+    warm = quant.warm_start_seconds(base, "fp32:compile", 2)
+    assert cold["config"] == warm["config"] == "fp32:compile"
+    assert any((tmp_path / "cache" / "inductor").iterdir())
+    assert warm["first_call_seconds"] < cold["first_call_seconds"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import math
 import threading
 import time
@@ -36,6 +35,7 @@ import pandas as pd
 
 from .constants import CLIP_BOUNDS, DATASET_ROWS, FID_BOUNDS, RESPONSE_SHAPE
 from .errors import DataError, DeviceError, KitError, ModelError, OutputError, ParameterError
+from .record import write_json
 
 ACCURACY_LOG = "mlperf_log_accuracy.json"
 ACCURACY_DIR = "accuracy"  # loadgen's accuracy-mode log directory inside a run directory
@@ -699,12 +699,6 @@ def write_captions(images_dir: Path, samples, qsl_indices: Sequence[int]) -> Pat
     return path
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
 def score_run(run_dir: str | Path, models: MetricModels, mlperf_round: str = "v4.1", *, batch_size: int = 1,
               grid: int = 0, show_progress: bool = True) -> AccuracyResult:
     """Score a run directory's accuracy log and write accuracy.txt, scores.json and the compliance images into it."""
@@ -730,7 +724,7 @@ def score_run(run_dir: str | Path, models: MetricModels, mlperf_round: str = "v4
         names["accuracy_txt"].write_text(accuracy_txt(result.fid_score, result.clip_score, result.log_sha256,
                                                       rnd.accuracy_quoted, result.standin))
         result.files = {k: str(v) for k, v in names.items()}
-        _write_json(names["scores_json"], {
+        write_json(names["scores_json"], {
             "kind": "sccsdxl-accuracy", "run_dir": str(run_dir), "round": rnd.name,
             "compliance_ids_in_run": ids, "metric_files": models.files.as_dict(), **result.summary(),
             "per_sample": result.per_sample.to_dict(orient="records")})

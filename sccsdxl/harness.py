@@ -23,6 +23,7 @@ import numpy as np
 from . import constants as C
 from .data import SampleSet, sample_set
 from .errors import KitError, OutputError, ParameterError
+from .record import write_json
 from .rounds import Round, get_round
 
 MODES = ("performance", "accuracy")
@@ -403,14 +404,6 @@ def environment_versions() -> dict[str, str]:
 
     out["python"] = platform.python_version()
     return out
-
-
-def write_json(path: Path, record: dict) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
-    return path
 
 
 @dataclass

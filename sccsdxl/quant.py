@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ParameterError
+from .record import archive_existing
 
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
@@ -385,13 +386,6 @@ def metric_scorers(models, captions: list[str]):
     return clip, fid
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    chain = [exc, exc.__cause__, exc.__context__]
-    return any(isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() for e in chain if e)
-
-
 def _load_done(path: Path) -> dict[str, dict]:
     import json
 
@@ -413,6 +407,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
 
     from .data import sample_set
     from .harness import run_benchmark
+    from .distributed import is_oom
     from .pipeline import free_gpu_memory, make_runner, resolve_device
 
     base.validate()
@@ -471,7 +466,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
                 free_gpu_memory()
                 row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
         except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
-            row.update(status="out of memory" if _is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
+            row.update(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
                        verdict="fail")
         finally:
             del runner
@@ -513,9 +508,7 @@ def write_tuned_params(output_dir: str | Path, base, row: dict, name: str = "qua
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    if path.exists():
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        path.replace(out / f"{path.stem}-{stamp}{path.suffix}")
+    archive_existing(path)
     params = {"variant": base.variant, "model_source": base.model_source, "model_path": base.model_path,
               "dtype": row["dtype"], "batch_size": base.batch_size, "optimizations": row["optimizations"]
               if row["optimizations"] != "none" else ""}

@@ -28,27 +28,37 @@ def unique_dir(root: Path, name: str, what: str, first_suffix: int = 1) -> Path:
     raise OutputError(f"{root} already holds 999 of {what} named {name}", "use another output_dir or remove old ones")
 
 
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write JSON through a temporary file, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def archive_existing(path: Path, archive_dir: Path | None = None) -> Path | None:
+    """Move an existing file to ``<archive_dir>/<stem>-<its mtime>[-n]<suffix>`` (never over another); None if absent."""
+    if not path.exists():
+        return None
+    archive_dir = archive_dir or path.parent
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    target = next(t for n in range(100_000)
+                  if not (t := archive_dir / f"{path.stem}-{stamp}{f'-{n}' if n else ''}{path.suffix}").exists())
+    path.replace(target)
+    return target
+
+
 def write_record(output_dir: str | Path, notebook: str, payload: dict[str, Any]) -> Path:
     """Write the notebook's record; an earlier record of the same notebook is moved to records/, never lost."""
     out = Path(output_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{notebook}.json"
-        if path.exists():
-            archive = out / RECORDS_ARCHIVE
-            archive.mkdir(exist_ok=True)
-            stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-            target = archive / f"{notebook}-{stamp}.json"
-            n = 1
-            while target.exists():
-                target = archive / f"{notebook}-{stamp}-{n}.json"
-                n += 1
-            path.replace(target)
+        archive_existing(path, out / RECORDS_ARCHIVE)
         record = {"notebook": notebook, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        tmp.replace(path)
-        return path
+        return write_json(path, record)
     except OSError as exc:
         raise OutputError(f"cannot write the record in {out}: {exc.strerror}",
                           "pass a writable directory with -p output_dir <dir>") from None

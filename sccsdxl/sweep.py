@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 from .distributed import is_oom, load_runner
 from .errors import DeviceError, KitError, OutputError, ParameterError
 from .harness import RUN_FILE, RunConfig, list_run_dirs, run_benchmark, write_json
+from .record import archive_existing
 from .pipeline import free_gpu_memory
 
 SWEEP_DIR = "sweep"
@@ -481,11 +482,7 @@ def write_tuned(config: RunConfig, best: SweepPoint, directory: Path | None = No
     values = _tuned_values(config, best)
     if path.exists() and _same_tuned(path, values, best):
         return path, None  # a resumed sweep with the same answer: nothing new to write
-    if path.exists():
-        stamp = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-        archived = next(out / f"tuned-{stamp}{f'-{n}' if n else ''}.yaml" for n in range(10_000)
-                        if not (out / f"tuned-{stamp}{f'-{n}' if n else ''}.yaml").exists())
-        path.replace(archived)
+    archived = archive_existing(path)
     memory = f", peak GPU memory {best.peak_memory_bytes / GIB:.1f} GiB" if best.peak_memory_bytes else ""
     gpus = best.gpus if best.gpus > 1 else "N"
     header = [

@@ -25,3 +25,19 @@ def test_unwritable_output_dir_is_reported(tmp_path):
 def test_missing_record_names_the_notebook(tmp_path):
     with pytest.raises(OutputError, match="run notebooks/02_baseline.ipynb"):
         read_record(tmp_path, "02_baseline")
+
+
+def test_archiving_never_overwrites_an_earlier_archive(tmp_path):
+    import os
+
+    from sccsdxl.record import archive_existing
+
+    path = tmp_path / "quantized.yaml"
+    kept = []
+    for text in ("first", "second", "third"):
+        path.write_text(text)
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # same mtime: same stamp each time
+        kept.append(archive_existing(path))
+    assert not path.exists() and len(set(kept)) == 3
+    assert sorted(p.read_text() for p in kept) == ["first", "second", "third"]
+    assert archive_existing(path) is None

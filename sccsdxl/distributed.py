@@ -34,9 +34,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import constants as C
+from .data import sample_set
 from .errors import DeviceError, KitError, ParameterError
-from .harness import (MODES, RUN_FILE, BenchmarkRun, RunConfig, list_run_dirs, results_table, run_benchmark,
-                      write_json)
+from .harness import (MODES, RUN_FILE, BenchmarkRun, RunConfig, list_run_dirs, plan_batch_shapes, results_table,
+                      run_benchmark, write_json)
 from .pipeline import free_gpu_memory
 
 BACKENDS = ("auto", "nccl", "gloo")
@@ -376,8 +377,10 @@ def load_runner(config: RunConfig):
     if config.model_source in ("synthetic", "tiny"):
         ensure_tokenizer_files(cache)
     options = {"optimizations": config.optimizations} if getattr(config, "optimizations", "") else {}
-    return make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
-                       cache_dir=str(cache), **options)
+    runner = make_runner(config.model_source, config.dtype, config.device, config.model_path or None,
+                         cache_dir=str(cache), **options)
+    plan_batch_shapes(runner, config.batch_size, len(sample_set(config.variant)))
+    return runner
 
 
 def warm_up_together(generators: list, batch_size: int) -> float:

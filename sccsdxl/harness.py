@@ -373,21 +373,33 @@ def _peak_gpu_memory() -> int:
     return int(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
 
 
-def warm_up(generator: ImageGenerator, batch_size: int, batches: int) -> float:
-    """The reference's warm-up: full batches of a throwaway prompt before loadgen starts; returns seconds."""
+def plan_batch_shapes(generator, batch_size: int, n_samples: int) -> None:
+    """Compiled models keep one graph per batch shape: serve full batches and the run's one partial batch
+    (n_samples % batch_size, compiled during warm-up) as they are, and pad any other short batch."""
+    runner = getattr(generator, "runner", generator)  # a distributed LocalReplica wraps its runner
+    if getattr(runner, "info", {}).get("compiled_regions") and hasattr(runner, "pad_to"):
+        runner.pad_to = batch_size
+        runner.exact_sizes = {n_samples % batch_size} - {0}
+
+
+def warm_up(generator: ImageGenerator, batch_size: int, batches: int, partial: int = 0) -> float:
+    """The reference's warm-up: full batches of a throwaway prompt before loadgen starts, then one batch of the
+    run's partial size (a compiled model builds that graph here, not in the timed run); returns seconds."""
     started = time.perf_counter()
     for _ in range(batches):
         generator.generate([C.WARMUP_PROMPT] * batch_size)
+    if batches and partial:
+        generator.generate([C.WARMUP_PROMPT] * partial)
     return time.perf_counter() - started
 
 
-def warm_up_all(generators: list[ImageGenerator], batch_size: int, batches: int) -> float:
+def warm_up_all(generators: list[ImageGenerator], batch_size: int, batches: int, partial: int = 0) -> float:
     """Warm every replica at the same time (one thread each); returns the wall seconds."""
     from concurrent.futures import ThreadPoolExecutor
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(len(generators), 1)) as pool:
-        list(pool.map(lambda g: warm_up(g, batch_size, batches), generators))
+        list(pool.map(lambda g: warm_up(g, batch_size, batches, partial), generators))
     return round(time.perf_counter() - started, 2)
 
 
@@ -450,10 +462,10 @@ def run_benchmark(config: RunConfig, modes: tuple[str, ...] = MODES,
     }
     write_json(run_dir / RUN_FILE, record)
     generators = generator if isinstance(generator, list) else [generator]
-    for g in generators:  # compiled graphs are per batch shape: serve the ragged last batch padded
-        if getattr(g, "info", {}).get("compiled_regions") and hasattr(g, "pad_to"):
-            g.pad_to = config.batch_size
-    record["warmup_seconds"] = warm_up_all(generators, config.batch_size, config.warmup_batches)
+    for g in generators:
+        plan_batch_shapes(g, config.batch_size, len(samples))
+    record["warmup_seconds"] = warm_up_all(generators, config.batch_size, config.warmup_batches,
+                                           partial=len(samples) % config.batch_size)
     for mode in modes:
         result = run_loadgen(generator, samples, mode, run_dir, config.batch_size, rnd, user_conf,
                              show_progress=show_progress)

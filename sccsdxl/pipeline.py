@@ -279,6 +279,7 @@ class SDXLRunner:
     info: dict = field(default_factory=dict)
     sdpa: str = "auto"  # attention backend (sccsdxl.quant.SDPA_BACKENDS)
     pad_to: int = 0  # compiled models: pad short batches to this size so no new graph is compiled mid-run
+    exact_sizes: set = field(default_factory=set)  # short batch sizes compiled during warm-up: served unpadded
 
     @property
     def device(self):
@@ -303,7 +304,7 @@ class SDXLRunner:
     def generate(self, prompts: list[str]) -> np.ndarray:
         """(B, H, W, 3) uint8 images, one per prompt, all from the fixed latent."""
         count = len(prompts)
-        if 0 < count < self.pad_to:  # the extra rows repeat the last prompt and are dropped
+        if 0 < count < self.pad_to and count not in self.exact_sizes:  # extra rows repeat the last prompt, dropped
             return self._generate(list(prompts) + [prompts[-1]] * (self.pad_to - count))[:count]
         return self._generate(prompts)
 

@@ -26,11 +26,16 @@ OPTIONS: dict[str, str] = {
     "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
     "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
     "vae_slicing": "decode one image at a time (less memory at large batch sizes)",
-    "fp8": "torchao fp8 dynamic quantization of the UNet's linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
-    "int8": "torchao int8 dynamic quantization of the UNet's linear layers (Ampere and newer; needs compile)",
+    "fp8": "torchao fp8 dynamic quantization of the UNet's wide linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
+    "int8": "torchao int8 dynamic quantization of the UNet's wide linear layers (Ampere and newer; needs compile)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-MIN_QUANT_FEATURES = 1024  # smaller linears gain nothing from dynamic quantization
+# Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
+# that input: on an H200 (BENCHMARKS.md, kernels) the transformer blocks' GEGLU projections (out 5120/10240) and
+# fused q/k/v (3840) ran faster in fp8, while 1280->1280 projections, the cross-attention k/v and the
+# feed-forward down projection ran slower or broke even once their input was quantized.
+MIN_QUANT_OUT_FEATURES = 3072
+QUANT_SCOPE = "transformer_blocks."  # only inside the blocks that `compile` fuses; eager quantization is slower
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,11 @@ def device_name(device: str) -> str:
 
 
 def _quantizable(module, fqn: str) -> bool:
+    """The linears that gain from dynamic fp8/int8: wide ones inside the UNet's transformer blocks."""
     import torch
 
-    return isinstance(module, torch.nn.Linear) and module.in_features >= MIN_QUANT_FEATURES \
-        and module.out_features >= MIN_QUANT_FEATURES
+    return isinstance(module, torch.nn.Linear) and QUANT_SCOPE in fqn \
+        and module.out_features >= MIN_QUANT_OUT_FEATURES
 
 
 def quantize_unet(unet, kind: str) -> int:
@@ -156,14 +162,18 @@ def quantize_unet(unet, kind: str) -> int:
     return count
 
 
-def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
-    """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
+def _static_graphs() -> None:
+    """One static graph per batch shape: a ragged batch must not switch every later call to dynamic-shape kernels."""
     import torch
 
-    names = {"BasicTransformerBlock"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set())
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # one static graph per batch shape: a ragged batch must not switch every later call to dynamic-shape kernels
     torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
+    """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
+    names = {"BasicTransformerBlock"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set())
+    _static_graphs()
     mode = "reduce-overhead" if cuda_graphs else None
     count = 0
     for module in unet.modules():
@@ -210,16 +220,21 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
 
 
 def sdpa_context(backend: str):
-    """A context that restricts scaled-dot-product attention to one backend ('auto': torch chooses)."""
+    """Scaled-dot-product attention prefers this backend ('auto': torch chooses).
+
+    Where the preferred kernel cannot take a shape (the VAE's single 512-wide attention head exceeds the
+    flash and cuDNN limits), torch falls back to the next of flash, cuDNN, memory-efficient, math.
+    """
     import contextlib
 
     if backend == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel(table[backend])
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    order = [table[backend]] + [b for name, b in table.items() if name != backend]
+    return sdpa_kernel(order, set_priority=True)
 
 
 # ---------------------------------------------------------------- accuracy guard
@@ -386,6 +401,14 @@ def metric_scorers(models, captions: list[str]):
     return clip, fid
 
 
+def guard_images(runner, prompts: list[str], batch_size: int) -> np.ndarray:
+    """The guard's images in calls of the run's batch size; a compiled runner pads the last call to that size,
+    so its first call compiles the one graph the performance run will use."""
+    if runner.info.get("compiled_regions"):
+        runner.pad_to = batch_size
+    return np.concatenate([runner.generate(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
+
+
 def _load_done(path: Path) -> dict[str, dict]:
     import json
 
@@ -427,7 +450,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
         runner = make_runner(base.model_source, spec.dtype, base.device, base.model_path or None, cache_dir,
                              optimizations=str(spec.optimizations), data_dir=base.data_dir)
         loaded = time.perf_counter()
-        images = runner.generate(prompts)  # first call: compilation happens here
+        images = guard_images(runner, prompts, base.batch_size)  # first call: compilation happens here
         return runner, images, loaded - started, time.perf_counter() - loaded
 
     reference_path = results_dir / "reference_images.npy"
@@ -562,7 +585,7 @@ def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800) -> 
 
     command = [sys.executable, "-m", "sccsdxl.quant", "--first-call", spec, "--model-source", base.model_source,
                "--model-path", base.model_path, "--device", base.device, "--output-dir", str(base.output_dir),
-               "--data-dir", base.data_dir, "--count", str(count)]
+               "--data-dir", base.data_dir, "--count", str(count), "--batch-size", str(base.batch_size)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -584,6 +607,7 @@ def _first_call_main(argv: list[str] | None = None) -> None:
     for flag in ("--model-source", "--model-path", "--device", "--output-dir", "--data-dir"):
         parser.add_argument(flag, default="")
     parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     spec = parse_config(args.first_call)
     started = time.perf_counter()
@@ -591,7 +615,7 @@ def _first_call_main(argv: list[str] | None = None) -> None:
                          str(Path(args.output_dir) / "cache"), optimizations=str(spec.optimizations),
                          data_dir=args.data_dir)
     loaded = time.perf_counter()
-    runner.generate(guard_prompts(sample_set("base"), args.count))
+    guard_images(runner, guard_prompts(sample_set("base"), args.count), args.batch_size)
     print(json.dumps({"config": spec.name, "load_seconds": round(loaded - started, 2),
                       "first_call_seconds": round(time.perf_counter() - loaded, 2)}))
 

@@ -204,3 +204,29 @@ def test_cli_runs_and_reports_bad_input(tmp_path, capsys):
 
     assert main(["run", "--variant", "nope", "--output-dir", str(tmp_path)]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err
+
+
+class CompiledFake(FakeGenerator):
+    """A generator that says it holds compiled regions and pads like SDXLRunner."""
+
+    info = {"compiled_regions": 3}
+
+    def __init__(self):
+        super().__init__()
+        self.pad_to, self.exact_sizes = 0, set()
+
+
+def test_warm_up_builds_the_partial_batch_shape_before_the_timed_run(tmp_path):
+    fake = CompiledFake()
+    run_benchmark(config(tmp_path, warmup_batches=1), modes=("performance",), generator=fake, show_progress=False)
+    assert fake.batches[:2] == [8, 2]  # warm-up: one full batch, then the run's 50 % 8 = 2
+    assert fake.pad_to == 8 and fake.exact_sizes == {2}
+
+
+def test_batch_shapes_are_planned_only_for_compiled_models():
+    eager, compiled = FakeGenerator(), CompiledFake()
+    harness.plan_batch_shapes(eager, 8, 50)
+    harness.plan_batch_shapes(compiled, 10, 50)
+    assert not hasattr(eager, "pad_to")
+    assert compiled.pad_to == 10 and compiled.exact_sizes == set()  # 50 = 5 x 10: no partial batch
+    assert harness.warm_up(compiled, 10, 0, partial=3) >= 0 and compiled.batches == []  # no warm-up asked

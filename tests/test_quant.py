@@ -154,3 +154,52 @@ def test_warm_start_reuses_the_compile_cache(tmp_path):
     assert cold["config"] == warm["config"] == "fp32:compile"
     assert any((tmp_path / "cache" / "inductor").iterdir())
     assert warm["first_call_seconds"] < cold["first_call_seconds"]
+
+
+def test_exact_partial_batches_are_served_unpadded(tiny_runner, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tiny_runner, "_generate", lambda prompts: seen.append(len(prompts)) or
+                        np.zeros((len(prompts), 1, 1, 3), np.uint8))
+    monkeypatch.setattr(tiny_runner, "pad_to", 4)
+    monkeypatch.setattr(tiny_runner, "exact_sizes", {2})
+    assert len(tiny_runner.generate(["a"] * 2)) == 2 and len(tiny_runner.generate(["b"])) == 1
+    assert seen == [2, 4]  # the warmed partial size as is; any other short batch padded to the full size
+
+
+def test_quantization_takes_only_the_wide_linears_of_the_transformer_blocks():
+    import torch
+
+    block = "down_blocks.2.attentions.0.transformer_blocks.0."
+    layers = {block + "ff.net.0.proj": (1280, 10240), block + "attn1.to_qkv": (1280, 3840),
+              block + "attn1.to_q": (1280, 1280), block + "ff.net.2": (5120, 1280), block + "attn2.to_k": (2048, 1280),
+              "down_blocks.2.attentions.0.proj_in": (1280, 1280), "add_embedding.linear_1": (2816, 1280),
+              "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.0.proj": (640, 5120)}
+    chosen = {name for name, (k, n) in layers.items()
+              if quant._quantizable(torch.nn.Linear(k, n, device="meta"), name)}
+    assert chosen == {block + "ff.net.0.proj", block + "attn1.to_qkv",
+                      "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.0.proj"}
+    assert not quant._quantizable(torch.nn.Conv2d(1280, 5120, 1, device="meta"), block + "conv")
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "math"])
+def test_sdpa_preference_falls_back_where_the_kernel_cannot_run(backend):
+    """On the CPU only the math kernel exists: preferring another must still compute the same attention."""
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with quant.sdpa_context(backend):
+        out = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_shipped_parameter_files_name_known_configurations():
+    from pathlib import Path
+
+    import yaml
+
+    params = Path(__file__).resolve().parent.parent / "params"
+    files = [yaml.safe_load(p.read_text()) for p in sorted(params.glob("*.yaml"))]
+    configs = [c for data in files for c in data.get("configs", [])]
+    assert "bf16:fuse_qkv,compile,fp8,vae_no_upcast,sdpa=cudnn" in configs
+    assert all(quant.parse_config(c).name for c in configs)  # unknown options would raise ParameterError

@@ -38,7 +38,7 @@ TUNED_FILE = "tuned.yaml"
 SETTING_KEYS = ("variant", "model_source", "model_path", "dtype", "device", "mlperf_round", "target_qps",
                 "warmup_batches", "optimizations")
 REUSED = ("ok", "oom")  # statuses a re-run keeps; 'error' points are tried again
-WIDGET_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+WIDGET_BATCH_SIZES = (1, 2, 4, 8, 10, 16, 25, 32, 64)
 GIB = 2**30
 
 
@@ -55,6 +55,7 @@ class SweepPoint:
     run_dir: str | None = None
     wall_seconds: float = 0.0
     error: str | None = None
+    samples: int | None = None  # samples in the performance run (the last batch may be partial)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -218,7 +219,8 @@ def run_point(config: RunConfig, batch_size: int, generator, show_progress: bool
         run.record["model"] = dict(generator.info)
         write_json(run.run_dir / RUN_FILE, run.record)
     return SweepPoint(batch_size, 1, status, perf.get("samples_per_second"), perf.get("valid"), peak,
-                      str(run.run_dir) if run else (str(made[-1]) if made else None), round(wall, 2), error)
+                      str(run.run_dir) if run else (str(made[-1]) if made else None), round(wall, 2), error,
+                      perf.get("samples"))
 
 
 def distributed_command(config: RunConfig, batch_size: int, gpus: int, result_file: Path,
@@ -264,7 +266,8 @@ def run_distributed_point(config: RunConfig, batch_size: int, gpus: int, show_pr
     perf = (result.get("results") or {}).get("performance") or {}
     if code == 0 and result.get("ok"):
         return SweepPoint(batch_size, gpus, "ok", perf.get("samples_per_second"), perf.get("valid"),
-                          result.get("peak_memory_bytes"), result.get("run_dir"), round(wall, 2))
+                          result.get("peak_memory_bytes"), result.get("run_dir"), round(wall, 2),
+                          samples=perf.get("samples"))
     oom = bool(result.get("oom")) or "OutOfMemoryError" in tail or "out of memory" in tail.lower()
     last = [line for line in tail.splitlines() if line.strip()][-3:]
     error = (result.get("error") or "").split("\n")[0] or f"torchrun exited with {code}: {' | '.join(last)}"
@@ -349,6 +352,15 @@ def require_best(points: list[SweepPoint]) -> SweepPoint:
 
 # ---------------------------------------------------------------- results
 
+def last_batch(samples: int | None, batch_size: int) -> str:
+    """'full' when the batch size divides the run's samples; else the partial last batch ('2 of 8'), which
+    makes the point understate what that batch size sustains on a longer run."""
+    if not samples:
+        return "-"
+    partial = samples % batch_size
+    return "full" if partial == 0 else f"{partial} of {batch_size}"
+
+
 def points_table(points: list[SweepPoint], best: SweepPoint | None = None):
     """One row per point: throughput, per-GPU throughput, scaling against one GPU, peak memory, validity."""
     import pandas as pd
@@ -363,7 +375,8 @@ def points_table(points: list[SweepPoint], best: SweepPoint | None = None):
             "per GPU": sps / p.gpus if sps else None,
             "scaling": sps / (base * p.gpus) if sps and base and p.gpus > 1 else None,
             "peak GiB": round(p.peak_memory_bytes / GIB, 2) if p.peak_memory_bytes else None,
-            "result": {True: "VALID", False: "INVALID"}.get(p.valid, "-"), "wall s": p.wall_seconds,
+            "result": {True: "VALID", False: "INVALID"}.get(p.valid, "-"),
+            "last batch": last_batch(p.samples, p.batch_size), "wall s": p.wall_seconds,
             "best": "*" if best is not None and p.key == best.key else "",
             "run": Path(p.run_dir).name if p.run_dir else "",
         })

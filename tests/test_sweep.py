@@ -50,6 +50,7 @@ def test_every_point_is_measured_saved_and_reused_on_a_rerun(tmp_path):
     assert [p.batch_size for p in points] == [2, 4, 8]
     assert all(p.status == "ok" and p.valid and p.samples_per_second > 0 and p.gpus == 1 for p in points)
     assert all(p.peak_memory_bytes is None for p in points)  # CPU
+    assert [p.samples for p in points] == [50, 50, 50]  # base: 50 samples each, so batch 4 and 8 end partial
     for p in points:
         record = json.loads((Path(p.run_dir) / "run.json").read_text())
         assert record["config"]["batch_size"] == p.batch_size and "performance" in record["results"]
@@ -227,6 +228,9 @@ def test_plot_table_and_markdown_show_every_point():
     assert table["scaling"].iloc[3] == pytest.approx(2.3 / 2.4)
     markdown = sweep.markdown_table(points, best)
     assert markdown.count("\n") == 6 and "| oom |" in markdown
+    assert sweep.last_batch(50, 8) == "2 of 8" and sweep.last_batch(50, 10) == "full"
+    assert list(sweep.points_table([SweepPoint(25, 1, "ok", 1.6, True, samples=50)])["last batch"]) == ["full"]
+    assert set(table["last batch"]) == {"-"}  # points recorded without their sample count
     assert len(sweep.plot_sweep(points[:3]).axes) == 2
     assert len(sweep.plot_sweep([SweepPoint(4, 1, "ok", 1.0, True)]).axes) == 1  # CPU: no memory axis
 

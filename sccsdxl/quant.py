@@ -6,6 +6,7 @@ unconditional rows as one UNet batch in diffusers' SDXL pipeline, so it needs no
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -183,6 +184,19 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
     return count
 
 
+@contextlib.contextmanager
+def own_inductor_settings():
+    """Restore torch.compile's inductor options on exit: torchao's quantization switches on coordinate-descent
+    tuning for the whole process, which must not carry over to the next configuration measured."""
+    import torch._inductor.config as inductor
+
+    saved = inductor.shallow_copy_dict()
+    try:
+        yield
+    finally:
+        inductor.load_config(saved)
+
+
 def use_compile_cache(cache_dir: str | Path | None) -> str | None:
     """Keep inductor's compiled kernels in a directory the user keeps, so a second run starts warm."""
     if not cache_dir:
@@ -211,7 +225,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
     if opts.vae_slicing:
         pipe.vae.enable_slicing()
     if opts.quantization != "none":
+        import torch._inductor.config as inductor
+
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization)
+        info["coordinate_descent_tuning"] = inductor.coordinate_descent_tuning  # torchao's recommended setting
     if opts.compile:
         info["inductor_cache"] = use_compile_cache(cache_dir)
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs)
@@ -225,8 +242,6 @@ def sdpa_context(backend: str):
     Where the preferred kernel cannot take a shape (the VAE's single 512-wide attention head exceeds the
     flash and cuDNN limits), torch falls back to the next of flash, cuDNN, memory-efficient, math.
     """
-    import contextlib
-
     if backend == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -457,7 +472,8 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
     if reference_path.is_file() and np.load(reference_path, mmap_mode="r").shape[0] == len(prompts):
         reference = np.load(reference_path)
     else:
-        runner, reference, _, _ = build(parse_config(reference_spec(device)))
+        with own_inductor_settings():
+            runner, reference, _, _ = build(parse_config(reference_spec(device)))
         np.save(reference_path, reference)
         del runner
         free_gpu_memory()
@@ -469,31 +485,32 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
         row: dict[str, Any] = {"config": spec.name, "dtype": spec.dtype, "optimizations": str(spec.optimizations),
                                "reference": reference_spec(device)}
         runner = None
-        try:
-            runner, images, load_s, first_call_s = build(spec)
-            run = run_benchmark(replace(base, dtype=spec.dtype, optimizations=str(spec.optimizations)),
-                                modes=("performance",), generator=runner, show_progress=show_progress,
-                                label=f"quant-{spec.dtype}-{'-'.join(spec.optimizations.names()) or 'none'}")
-            perf = run.result("performance")
-            guard = compare_images(spec.name, reference, images, clip)
-            if fid is not None and len(prompts) >= MIN_FID_SAMPLES:
-                guard.fid_reference, guard.fid_test = fid(reference), fid(images)
-                guard = judge(guard)
-            row.update(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
-                       peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
-                       first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
-                       verdict=guard.verdict)
-            if warm_start and spec.optimizations.compile:
+        with own_inductor_settings():  # torchao's quantize_ changes inductor options process-wide
+            try:
+                runner, images, load_s, first_call_s = build(spec)
+                run = run_benchmark(replace(base, dtype=spec.dtype, optimizations=str(spec.optimizations)),
+                                    modes=("performance",), generator=runner, show_progress=show_progress,
+                                    label=f"quant-{spec.dtype}-{'-'.join(spec.optimizations.names()) or 'none'}")
+                perf = run.result("performance")
+                guard = compare_images(spec.name, reference, images, clip)
+                if fid is not None and len(prompts) >= MIN_FID_SAMPLES:
+                    guard.fid_reference, guard.fid_test = fid(reference), fid(images)
+                    guard = judge(guard)
+                row.update(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
+                           peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
+                           first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
+                           verdict=guard.verdict)
+                if warm_start and spec.optimizations.compile:
+                    del runner
+                    runner = None
+                    free_gpu_memory()
+                    row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
+            except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
+                row.update(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
+                           verdict="fail")
+            finally:
                 del runner
-                runner = None
                 free_gpu_memory()
-                row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
-        except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
-            row.update(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
-                       verdict="fail")
-        finally:
-            del runner
-            free_gpu_memory()
         with open(results_dir / RESULTS_FILE, "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         rows.append(row)

@@ -203,3 +203,25 @@ def test_shipped_parameter_files_name_known_configurations():
     configs = [c for data in files for c in data.get("configs", [])]
     assert "bf16:fuse_qkv,compile,fp8,vae_no_upcast,sdpa=cudnn" in configs
     assert all(quant.parse_config(c).name for c in configs)  # unknown options would raise ParameterError
+
+
+def test_inductor_options_set_while_building_a_configuration_do_not_leak(tmp_path, monkeypatch):
+    """torchao's quantize_ turns on coordinate-descent tuning process-wide; the next configuration must not inherit it."""
+    import torch._inductor.config as inductor
+
+    from sccsdxl import pipeline
+    from sccsdxl.harness import RunConfig
+
+    real = pipeline.make_runner
+
+    def quantizing_make_runner(*args, **kwargs):
+        inductor.coordinate_descent_tuning = True  # what torchao's recommended_inductor_config_setter does
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_runner", quantizing_make_runner)
+    before = inductor.coordinate_descent_tuning
+    base = RunConfig(variant="base", model_source="tiny", dtype="fp32", device="cpu", batch_size=25,
+                     output_dir=str(tmp_path), warmup_batches=0)
+    rows = quant.evaluate_configs(base, ["fp32:"], guard_samples=1, show_progress=False)
+    assert rows[0]["status"] == "ok"
+    assert inductor.coordinate_descent_tuning == before is False

@@ -37,6 +37,7 @@ from urllib.request import Request, urlopen
 from . import __version__
 from . import constants as C
 from .errors import DataError, ModelError, ParameterError
+from .record import write_text_atomic
 
 ENV_DATA_DIR = "SCCSDXL_DATA_DIR"
 ENV_MIRROR = "SCCSDXL_MIRROR"  # base URL of a local mirror holding the files under their original names
@@ -811,10 +812,7 @@ def _write_derived(path: Path, text: str) -> Path:
         if path.read_text() == text:
             return path
         path.replace(path.with_name(f"{path.name}.{datetime.now().strftime('%Y%m%d-%H%M%S')}.bak"))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def derive_caption_files(data_dir: str | Path | None = None, sizes: tuple[int, ...] = CM_SUBSET_SIZES,

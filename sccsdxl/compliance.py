@@ -29,7 +29,7 @@ import numpy as np
 
 from . import constants as C
 from .errors import DataError, KitError, ParameterError
-from .record import unique_dir
+from .record import unique_dir, write_json
 
 TESTS = ("TEST01", "TEST04")
 COMPLIANCE_DIR = "compliance"  # inside a run directory
@@ -327,10 +327,7 @@ def _reference_summary(run) -> Path:
 
 
 def _save(outcome: ComplianceResult) -> None:
-    path = Path(outcome.directory) / RESULT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(outcome.as_dict(), indent=2, default=str))
-    tmp.replace(path)
+    write_json(Path(outcome.directory) / RESULT_FILE, outcome.as_dict())
 
 
 def run_compliance(generator, run, accuracy_log: str | Path | None, tests: Sequence[str] = TESTS, *,

@@ -383,27 +383,6 @@ def load_runner(config: RunConfig):
     return runner
 
 
-def warm_up_together(generators: list, batch_size: int) -> float:
-    """One warm-up batch on every rank at once (compilation and autotuning run in parallel, not rank by rank)."""
-    errors: list[BaseException] = []
-
-    def warm(generator) -> None:
-        try:
-            generator.generate([C.WARMUP_PROMPT] * batch_size)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below in the caller's thread
-            errors.append(exc)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=warm, args=(g,), daemon=True) for g in generators]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return round(time.perf_counter() - started, 2)
-
-
 def serve(cluster: Cluster, config: RunConfig, timeout_s: float, fail_after_batches: int = 0) -> int:
     """A rank > 0: load the model, then generate every batch rank 0 sends until it says stop."""
     started = time.perf_counter()
@@ -480,8 +459,6 @@ def run_main(config: RunConfig, modes: tuple[str, ...], cluster: Cluster, backen
             remote.device = device  # images arrive on rank 0's GPU (NCCL) or in its memory (gloo)
             infos.append(remote.handshake())
         _check_shapes(local, remotes)
-        if config.warmup_batches > 0 and remotes:
-            facts["parallel_warmup_seconds"] = warm_up_together([local, *remotes], config.batch_size)
         run = run_benchmark(config, modes, generator=[local, *remotes], show_progress=show_progress,
                             label=label or default_label(config, cluster.world_size))
     except BaseException as exc:

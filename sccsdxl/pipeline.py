@@ -19,6 +19,7 @@ import numpy as np
 
 from . import constants as C
 from .errors import DeviceError, ModelError, ParameterError
+from .record import write_text_atomic
 
 SOURCES = ("hf", "mlcommons", "synthetic", "tiny")
 DTYPES = ("fp32", "fp16", "bf16")
@@ -115,19 +116,10 @@ def clip_tokenizer_files(directory: Path) -> Path:
     byte_tokens = list(oc_tokenizer.bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    _write_atomic(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}))
-    _write_atomic(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    # processes starting together (one per GPU) never read a half-written file
+    write_text_atomic(directory / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}))
+    write_text_atomic(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return directory
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Processes starting together (one per GPU) never read a half-written file."""
-    import os
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(fh.name, path)
 
 
 def build_clip_tokenizers(cache_dir: Path | None = None):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,19 @@ def unique_dir(root: Path, name: str, what: str, first_suffix: int = 1) -> Path:
     raise OutputError(f"{root} already holds 999 of {what} named {name}", "use another output_dir or remove old ones")
 
 
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Write JSON through a temporary file, so a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write through a uniquely named temporary file beside ``path``: a reader (or another process writing the
+    same file at the same time, one per GPU) never sees half a file."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # plain file mode (umask)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write JSON atomically (see write_text_atomic)."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def archive_existing(path: Path, archive_dir: Path | None = None) -> Path | None:

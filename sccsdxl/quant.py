@@ -21,14 +21,20 @@ from .record import archive_existing
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
     "fuse_qkv": "fuse the q, k, v projections of every attention into one matmul",
-    "channels_last": "UNet and VAE tensors in NHWC memory layout",
+    "channels_last": "UNet tensors in NHWC memory layout (the VAE stays NCHW: it ran slower in NHWC on an H200)",
     "compile": "torch.compile the UNet's repeated transformer blocks (regional compilation, cached on disk)",
     "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
+    "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
+                            "instead of each transformer block",
     "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
+    "autotune": "with compile: inductor's coordinate-descent tuning of every compiled kernel (a few % faster, "
+                "cold compile several minutes longer)",
+    "compile_vae": "torch.compile the VAE decoder's ResNet blocks and upsamplers (regional, cached on disk)",
     "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
     "vae_slicing": "decode one image at a time (less memory at large batch sizes)",
     "fp8": "torchao fp8 dynamic quantization of the UNet's wide linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
     "int8": "torchao int8 dynamic quantization of the UNet's wide linear layers (Ampere and newer; needs compile)",
+    "quant_all_linears": "with fp8/int8: quantize every linear of the transformer blocks, not only the wide ones",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -45,11 +51,15 @@ class Optimizations:
     channels_last: bool = False
     compile: bool = False
     compile_resnets: bool = False
+    compile_transformers: bool = False
     cuda_graphs: bool = False
+    autotune: bool = False
+    compile_vae: bool = False
     vae_no_upcast: bool = False
     vae_slicing: bool = False
     fp8: bool = False
     int8: bool = False
+    quant_all_linears: bool = False
     sdpa: str = "auto"
 
     @property
@@ -96,9 +106,11 @@ def fp8_capable(device: str) -> bool:
 
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
-    names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "vae_no_upcast", "vae_slicing"]
+    names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
+             "autotune", "vae_no_upcast", "vae_slicing"]
     if device == "cuda":
         names += ["cuda_graphs", "int8"] + (["fp8"] if fp8_capable(device) else [])
+        names += ["quant_all_linears"]
     return names
 
 
@@ -117,8 +129,12 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("int8 dynamic quantization is built for GPUs here")
     if opts.int8 and not opts.compile:
         problems.append("int8 dynamic quantization is only fast when compiled (torchao): add compile")
-    if (opts.cuda_graphs or opts.compile_resnets) and not opts.compile:
-        problems.append("cuda_graphs and compile_resnets apply to compiled regions: add compile")
+    if (opts.cuda_graphs or opts.compile_resnets or opts.compile_transformers) and not opts.compile:
+        problems.append("cuda_graphs, compile_resnets and compile_transformers apply to compiled regions: add compile")
+    if opts.autotune and not (opts.compile or opts.compile_vae):
+        problems.append("autotune tunes compiled kernels: add compile or compile_vae")
+    if opts.quant_all_linears and opts.quantization == "none":
+        problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
         problems.append("CUDA graphs need a GPU")
     if opts.sdpa in ("flash", "efficient", "cudnn") and device != "cuda":
@@ -138,14 +154,18 @@ def device_name(device: str) -> str:
 
 def _quantizable(module, fqn: str) -> bool:
     """The linears that gain from dynamic fp8/int8: wide ones inside the UNet's transformer blocks."""
+    return _in_blocks(module, fqn) and module.out_features >= MIN_QUANT_OUT_FEATURES
+
+
+def _in_blocks(module, fqn: str) -> bool:
+    """Every linear inside the UNet's transformer blocks (quant_all_linears)."""
     import torch
 
-    return isinstance(module, torch.nn.Linear) and QUANT_SCOPE in fqn \
-        and module.out_features >= MIN_QUANT_OUT_FEATURES
+    return isinstance(module, torch.nn.Linear) and QUANT_SCOPE in fqn
 
 
-def quantize_unet(unet, kind: str) -> int:
-    """Dynamic fp8/int8 quantization of the UNet's large linear layers with torchao; returns how many."""
+def quantize_unet(unet, kind: str, all_linears: bool = False) -> int:
+    """Dynamic fp8/int8 quantization of the UNet's transformer-block linears with torchao; returns how many."""
     try:
         from torchao.quantization import quantize_
     except ImportError:
@@ -158,8 +178,9 @@ def quantize_unet(unet, kind: str) -> int:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
         config = Int8DynamicActivationInt8WeightConfig()
-    count = sum(1 for name, m in unet.named_modules() if _quantizable(m, name))
-    quantize_(unet, config, filter_fn=_quantizable)
+    chosen = _in_blocks if all_linears else _quantizable
+    count = sum(1 for name, m in unet.named_modules() if chosen(m, name))
+    quantize_(unet, config, filter_fn=chosen)
     return count
 
 
@@ -171,15 +192,27 @@ def _static_graphs() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
 
 
-def compile_regions(unet, resnets: bool, cuda_graphs: bool) -> int:
+def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
-    names = {"BasicTransformerBlock"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set())
+    names = {"Transformer2DModel" if transformers else "BasicTransformerBlock"}
+    names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
     _static_graphs()
     mode = "reduce-overhead" if cuda_graphs else None
     count = 0
     for module in unet.modules():
         if type(module).__name__ in names:
             module.compile(fullgraph=True, mode=mode)
+            count += 1
+    return count
+
+
+def compile_vae_regions(vae) -> int:
+    """Regional compilation of the VAE decoder: each ResNet block and upsampler is compiled once per shape."""
+    _static_graphs()
+    count = 0
+    for module in vae.decoder.modules():
+        if type(module).__name__ in ("ResnetBlock2D", "Upsample2D"):
+            module.compile(fullgraph=True)
             count += 1
     return count
 
@@ -209,6 +242,11 @@ def use_compile_cache(cache_dir: str | Path | None) -> str | None:
     return str(path)
 
 
+def _nchw_input(module, args):
+    """Forward pre-hook: hand the VAE decoder contiguous (NCHW) latents."""
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
 def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None = None) -> dict:
     """Change the loaded pipeline in place; returns what was done (for run records)."""
     import torch
@@ -219,19 +257,27 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         pipe.fuse_qkv_projections()
     if opts.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.vae.decoder.register_forward_pre_hook(_nchw_input)  # the UNet's NHWC latents would make it NHWC
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:
         pipe.vae.enable_slicing()
     if opts.quantization != "none":
+        info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
+    if opts.compile or opts.compile_vae:
         import torch._inductor.config as inductor
 
-        info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization)
-        info["coordinate_descent_tuning"] = inductor.coordinate_descent_tuning  # torchao's recommended setting
+        # torchao's quantize_ switches this on for the whole process; on an H200 it made the compiled UNet 3 %
+        # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
+        inductor.coordinate_descent_tuning = opts.autotune
+        info["coordinate_descent_tuning"] = opts.autotune
     if opts.compile:
         info["inductor_cache"] = use_compile_cache(cache_dir)
-        info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs)
+        info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,
+                                                   opts.compile_transformers)
+    if opts.compile_vae:
+        info["inductor_cache"] = use_compile_cache(cache_dir)
+        info["compiled_vae_regions"] = compile_vae_regions(pipe.vae)
     info["apply_seconds"] = round(time.perf_counter() - started, 2)
     return info
 

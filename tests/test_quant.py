@@ -42,6 +42,9 @@ def test_configuration_needs_a_dtype():
     ("fp8", "fp16", "needs bf16 weights"),
     ("int8", "bf16", "only fast when compiled"),
     ("cuda_graphs", "bf16", "apply to compiled regions"),
+    ("compile_transformers", "bf16", "apply to compiled regions"),
+    ("autotune", "bf16", "autotune tunes compiled kernels: add compile"),
+    ("quant_all_linears", "bf16", "widens fp8 or int8 quantization"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -66,6 +69,39 @@ def test_regional_compilation_builds_on_the_cpu(tiny_runner, reference_images, t
     assert runner.info["compiled_regions"] > 0 and runner.info["inductor_cache"].startswith(str(tmp_path))
     result = quant.compare_images("compile", reference_images, runner.generate(PROMPTS))
     assert result.mean_psnr_db > 40 and not result.broken
+
+
+def test_whole_transformers_vae_regions_and_channels_last_build_on_the_cpu(tiny_runner, reference_images, tmp_path):
+    """Larger compiled regions for the UNet, regional compilation of the VAE decoder, NHWC UNet with an NCHW VAE."""
+    import torch
+
+    options = "channels_last,compile,compile_transformers,compile_vae"
+    runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent,
+                         cache_dir=str(tmp_path))
+    unet, vae = runner.pipe.unet, runner.pipe.vae
+    transformers = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    decoder_regions = [m for m in vae.decoder.modules() if type(m).__name__ in ("ResnetBlock2D", "Upsample2D")]
+    assert runner.info["compiled_regions"] == len(transformers) > 0
+    assert runner.info["compiled_vae_regions"] == len(decoder_regions) > 0
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    vae.decoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    result = quant.compare_images(options, reference_images, runner.generate(PROMPTS))
+    assert result.mean_psnr_db > 40 and not result.broken
+    assert seen == [True]  # the UNet's NHWC latents reach the decoder as NCHW
+
+
+@pytest.mark.parametrize("options,tuned", [("compile", False), ("compile,autotune", True)])
+def test_coordinate_descent_tuning_is_the_configurations_choice(options, tuned, tiny_runner):
+    """torchao's quantize_ switches the tuning on for the whole process; a compiled configuration decides it itself."""
+    import torch._inductor.config as inductor
+
+    with quant.own_inductor_settings():
+        inductor.coordinate_descent_tuning = not tuned  # what an earlier quantization (or nothing) left behind
+        runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
+        assert inductor.coordinate_descent_tuning is tuned and runner.info["coordinate_descent_tuning"] is tuned
+    assert inductor.coordinate_descent_tuning is False
 
 
 def test_guard_fails_a_broken_configuration(reference_images):
@@ -179,6 +215,8 @@ def test_quantization_takes_only_the_wide_linears_of_the_transformer_blocks():
     assert chosen == {block + "ff.net.0.proj", block + "attn1.to_qkv",
                       "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.0.proj"}
     assert not quant._quantizable(torch.nn.Conv2d(1280, 5120, 1, device="meta"), block + "conv")
+    everything = {name for name, (k, n) in layers.items() if quant._in_blocks(torch.nn.Linear(k, n, device="meta"), name)}
+    assert everything == {name for name in layers if "transformer_blocks" in name}  # quant_all_linears
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "math"])

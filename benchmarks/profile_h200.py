@@ -1,0 +1,181 @@
+"""BENCHMARKS.md "Batch 25 and 50, larger compiled regions": the UNet and the VAE decoder as the kit builds them.
+
+Each configuration is built by `sccsdxl.quant.apply_optimizations` on a fresh synthetic (full-size, random
+weights) bf16 pipeline, exactly as a run builds it, with dynamo reset and its own inductor cache directory so
+it compiles cold; then its first call (compilation) is timed, then the median of several calls (host clock
+with the GPU drained), then one call under torch.profiler whose GPU time is summed by kernel kind (GEMM
+bf16/fp8, convolution, attention, anything named "norm", other Triton, elementwise). It guides which option
+to build next; throughput figures come only from loadgen runs.
+
+Run from the repo root on a GPU node:
+  python3 benchmarks/profile_h200.py OUT_DIR ROWS VAE_IMAGES SPEC [SPEC ...]
+SPEC is  unet:<optimizations>  or  vae:<optimizations>, e.g.  "unet:fuse_qkv,compile,fp8,sdpa=cudnn".
+ROWS is the UNet batch (2 rows per image). LIMIT (env, default 240) bounds each first call in seconds, at best
+effort: an alarm that lands inside inductor's parallel kernel compilation is caught there and the call goes
+on. SIZE=tiny DEVICE=cpu runs the same code on the tiny pipeline (a smoke test; its times mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, ".")
+from sccsdxl.pipeline import build_random_pipeline, free_gpu_memory  # noqa: E402
+from sccsdxl.quant import apply_optimizations, own_inductor_settings, parse_optimizations, sdpa_context  # noqa: E402
+
+KINDS = (  # first match wins; names of cuBLAS, CUTLASS, cuDNN, flash and Triton kernels
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("gemm fp8", ("f8", "e4m3", "fp8", "qgemm", "qqtst")),  # nvjet_*_qqtst_*: cuBLAS fp8
+    ("conv", ("conv", "fprop", "implicit", "winograd", "dgrad", "nhwc", "nchw")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90")),
+    ("norm", ("norm", "welford")),
+    ("triton fused", ("triton",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "cat", "reduce")),
+)
+
+
+SIZE, DEVICE = os.environ.get("SIZE", "full"), os.environ.get("DEVICE", "cuda")  # tiny/cpu: smoke test only
+LATENT = 128 if SIZE == "full" else 32
+
+
+class TimeUp(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise TimeUp()
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, needles in KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def call_ms(fn, reps: int) -> list[float]:
+    """Wall time per call with the GPU drained before and after (calls here take hundreds of ms)."""
+    times = []
+    for _ in range(reps):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def profile(fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if DEVICE != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + (event.self_device_time_total or event.time_range.elapsed_us()) / 1000.0
+    kinds: dict[str, float] = {}
+    for name, ms in kernels.items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[name[:140], round(ms, 3)] for name, ms in top]}
+
+
+def unet_call(pipe, rows: int):
+    unet = pipe.unet
+    dtype = unet.dtype
+    config = unet.config
+    sample = torch.randn(rows, 4, LATENT, LATENT, device=DEVICE, dtype=dtype)
+    text = torch.randn(rows, 77, config.cross_attention_dim, device=DEVICE, dtype=dtype)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(rows, pooled, device=DEVICE, dtype=dtype),
+             "time_ids": torch.randn(rows, 6, device=DEVICE, dtype=dtype)}
+    t = torch.tensor(500.0, device=DEVICE)
+    return lambda: unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def vae_call(pipe, images: int):
+    latents = torch.randn(images, 4, LATENT, LATENT, device=DEVICE, dtype=pipe.vae.dtype)
+    return lambda: pipe.vae.decode(latents, return_dict=False)[0]
+
+
+def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) -> dict:
+    part, _, text = spec.partition(":")
+    opts = parse_optimizations(text)
+    row: dict = {"spec": spec}
+    torch._dynamo.reset()  # every configuration compiles cold: nothing reused from the one before
+    pipe = build_random_pipeline(SIZE, "bf16", DEVICE)
+    with own_inductor_settings():
+        row["applied"] = apply_optimizations(pipe, opts, cache_dir)
+        call = unet_call(pipe, rows) if part == "unet" else vae_call(pipe, vae_images)
+        with torch.inference_mode(), sdpa_context(opts.sdpa):
+            signal.alarm(limit)
+            try:
+                started = time.perf_counter()
+                call()
+                sync()
+                row["first_call_s"] = round(time.perf_counter() - started, 1)
+            except TimeUp:
+                row["first_call_s"] = f"not finished in {limit} s"
+                return row
+            finally:
+                signal.alarm(0)
+            call_ms(call, 2)
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = call_ms(call, 5 if part == "unet" else 7)
+            row["ms"] = round(statistics.median(times), 2)
+            row["spread_ms"] = [round(min(times), 2), round(max(times), 2)]
+            per = rows / 2 if part == "unet" else vae_images
+            row["ms_per_image"] = round(row["ms"] / per, 2)
+            if DEVICE == "cuda":
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            row["profile"] = profile(call)
+    del pipe, call
+    free_gpu_memory()
+    return row
+
+
+def main() -> None:
+    out, rows, vae_images, specs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    out.mkdir(parents=True, exist_ok=True)
+    limit = int(os.environ.get("LIMIT", "240"))
+    signal.signal(signal.SIGALRM, _alarm)
+    header = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "rows": rows,
+              "vae_images": vae_images, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results = []
+    started = time.time()
+    for spec in specs:
+        try:
+            row = measure(spec, rows, vae_images, out / "cache" / str(len(results)), limit)
+        except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
+            row = {"spec": spec, "error": repr(exc)[:400]}
+            free_gpu_memory()
+        row["done_at_s"] = round(time.time() - started)
+        results.append(row)
+        summary = {k: v for k, v in row.items() if k not in ("profile", "applied")}
+        print(json.dumps({**summary, "by_kind": row.get("profile", {}).get("by_kind")}), flush=True)
+        (out / "profile.json").write_text(json.dumps({**header, "results": results}, indent=1))
+    print("\n| spec | first call s | ms | ms/image | peak GiB |")
+    for row in results:
+        print(f"| {row['spec']} | {row.get('first_call_s', row.get('error', ''))} | {row.get('ms', '')} | "
+              f"{row.get('ms_per_image', '')} | {row.get('peak_gib', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -376,8 +376,10 @@ def _peak_gpu_memory() -> int:
 def plan_batch_shapes(generator, batch_size: int, n_samples: int) -> None:
     """Compiled models keep one graph per batch shape: serve full batches and the run's one partial batch
     (n_samples % batch_size, compiled during warm-up) as they are, and pad any other short batch."""
+    from .quant import is_compiled
+
     runner = getattr(generator, "runner", generator)  # a distributed LocalReplica wraps its runner
-    if getattr(runner, "info", {}).get("compiled_regions") and hasattr(runner, "pad_to"):
+    if is_compiled(getattr(runner, "info", {})) and hasattr(runner, "pad_to"):
         runner.pad_to = batch_size
         runner.exact_sizes = {n_samples % batch_size} - {0}
 

@@ -63,6 +63,11 @@ class Optimizations:
     sdpa: str = "auto"
 
     @property
+    def compiles(self) -> bool:
+        """Whether any part is compiled (and so has a cold and a warm first call)."""
+        return self.compile or self.compile_vae
+
+    @property
     def quantization(self) -> str:
         return "fp8" if self.fp8 else "int8" if self.int8 else "none"
 
@@ -184,6 +189,11 @@ def quantize_unet(unet, kind: str, all_linears: bool = False) -> int:
     return count
 
 
+def is_compiled(info: dict) -> bool:
+    """A runner (by its info) holds compiled regions, UNet or VAE: each new batch shape compiles a new graph."""
+    return bool(info.get("compiled_regions") or info.get("compiled_vae_regions"))
+
+
 def _static_graphs() -> None:
     """One static graph per batch shape: a ragged batch must not switch every later call to dynamic-shape kernels."""
     import torch
@@ -264,7 +274,7 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         pipe.vae.enable_slicing()
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
-    if opts.compile or opts.compile_vae:
+    if opts.compiles:
         import torch._inductor.config as inductor
 
         # torchao's quantize_ switches this on for the whole process; on an H200 it made the compiled UNet 3 %
@@ -465,7 +475,7 @@ def metric_scorers(models, captions: list[str]):
 def guard_images(runner, prompts: list[str], batch_size: int) -> np.ndarray:
     """The guard's images in calls of the run's batch size; a compiled runner pads the last call to that size,
     so its first call compiles the one graph the performance run will use."""
-    if runner.info.get("compiled_regions"):
+    if is_compiled(runner.info):
         runner.pad_to = batch_size
     return np.concatenate([runner.generate(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
 
@@ -546,7 +556,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
                            peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
                            first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
                            verdict=guard.verdict)
-                if warm_start and spec.optimizations.compile:
+                if warm_start and spec.optimizations.compiles:
                     del runner
                     runner = None
                     free_gpu_memory()

@@ -216,8 +216,10 @@ class CompiledFake(FakeGenerator):
         self.pad_to, self.exact_sizes = 0, set()
 
 
-def test_warm_up_builds_the_partial_batch_shape_before_the_timed_run(tmp_path):
+@pytest.mark.parametrize("info", [{"compiled_regions": 3}, {"compiled_vae_regions": 7}])
+def test_warm_up_builds_the_partial_batch_shape_before_the_timed_run(tmp_path, info):
     fake = CompiledFake()
+    fake.info = info  # a compiled UNet or only a compiled VAE decoder: either keeps one graph per batch shape
     run_benchmark(config(tmp_path, warmup_batches=1), modes=("performance",), generator=fake, show_progress=False)
     assert fake.batches[:2] == [8, 2]  # warm-up: one full batch, then the run's 50 % 8 = 2
     assert fake.pad_to == 8 and fake.exact_sizes == {2}

@@ -497,12 +497,9 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
     With ``warm_start``, compiled configurations are also started once more in a new process that reuses the
     on-disk compile cache (``warm_first_call_seconds``)."""
     import json
-    from dataclasses import replace
 
     from .data import sample_set
-    from .harness import run_benchmark
-    from .distributed import is_oom
-    from .pipeline import free_gpu_memory, make_runner, resolve_device
+    from .pipeline import free_gpu_memory, resolve_device
 
     base.validate()
     device = resolve_device(base.device, base.model_source)
@@ -511,25 +508,14 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
     results_dir.mkdir(parents=True, exist_ok=True)
     done = _load_done(results_dir / RESULTS_FILE)
     prompts = guard_prompts(sample_set(base.variant), guard_samples)
-    clip = fid = None
-    if metric_models is not None:
-        clip, fid = metric_scorers(metric_models, prompts)
-    cache_dir = str(Path(base.output_dir) / "cache")
-
-    def build(spec: ConfigSpec):
-        started = time.perf_counter()
-        runner = make_runner(base.model_source, spec.dtype, base.device, base.model_path or None, cache_dir,
-                             optimizations=str(spec.optimizations), data_dir=base.data_dir)
-        loaded = time.perf_counter()
-        images = guard_images(runner, prompts, base.batch_size)  # first call: compilation happens here
-        return runner, images, loaded - started, time.perf_counter() - loaded
+    scorers = metric_scorers(metric_models, prompts) if metric_models is not None else (None, None)
 
     reference_path = results_dir / "reference_images.npy"
     if reference_path.is_file() and np.load(reference_path, mmap_mode="r").shape[0] == len(prompts):
         reference = np.load(reference_path)
     else:
         with own_inductor_settings():
-            runner, reference, _, _ = build(parse_config(reference_spec(device)))
+            runner, reference, _, _ = _build(base, parse_config(reference_spec(device)), prompts)
         np.save(reference_path, reference)
         del runner
         free_gpu_memory()
@@ -538,39 +524,65 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
         if spec.name in done:
             rows.append(done[spec.name])
             continue
-        row: dict[str, Any] = {"config": spec.name, "dtype": spec.dtype, "optimizations": str(spec.optimizations),
-                               "reference": reference_spec(device)}
-        runner = None
+        row = {"config": spec.name, "dtype": spec.dtype, "optimizations": str(spec.optimizations),
+               "reference": reference_spec(device)}
         with own_inductor_settings():  # torchao's quantize_ changes inductor options process-wide
-            try:
-                runner, images, load_s, first_call_s = build(spec)
-                run = run_benchmark(replace(base, dtype=spec.dtype, optimizations=str(spec.optimizations)),
-                                    modes=("performance",), generator=runner, show_progress=show_progress,
-                                    label=f"quant-{spec.dtype}-{'-'.join(spec.optimizations.names()) or 'none'}")
-                perf = run.result("performance")
-                guard = compare_images(spec.name, reference, images, clip)
-                if fid is not None and len(prompts) >= MIN_FID_SAMPLES:
-                    guard.fid_reference, guard.fid_test = fid(reference), fid(images)
-                    guard = judge(guard)
-                row.update(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
-                           peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
-                           first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
-                           verdict=guard.verdict)
-                if warm_start and spec.optimizations.compiles:
-                    del runner
-                    runner = None
-                    free_gpu_memory()
-                    row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
-            except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
-                row.update(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
-                           verdict="fail")
-            finally:
-                del runner
-                free_gpu_memory()
+            row.update(_evaluate(base, spec, prompts, reference, scorers, show_progress, warm_start))
         with open(results_dir / RESULTS_FILE, "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         rows.append(row)
     return rows
+
+
+def _build(base, spec: ConfigSpec, prompts: list[str]):
+    """The configuration's runner and its guard images; returns (runner, images, load s, first call s)."""
+    from .pipeline import make_runner
+
+    started = time.perf_counter()
+    runner = make_runner(base.model_source, spec.dtype, base.device, base.model_path or None,
+                         str(Path(base.output_dir) / "cache"), optimizations=str(spec.optimizations),
+                         data_dir=base.data_dir)
+    loaded = time.perf_counter()
+    images = guard_images(runner, prompts, base.batch_size)  # first call: compilation happens here
+    return runner, images, loaded - started, time.perf_counter() - loaded
+
+
+def _evaluate(base, spec: ConfigSpec, prompts: list[str], reference: np.ndarray, scorers, show_progress: bool,
+              warm_start: bool) -> dict[str, Any]:
+    """One configuration's row: speed, guard verdict, compile times; an OOM or a failing option is a result."""
+    from dataclasses import replace
+
+    from .distributed import is_oom
+    from .harness import run_benchmark
+    from .pipeline import free_gpu_memory
+
+    clip, fid = scorers
+    runner = None
+    try:
+        runner, images, load_s, first_call_s = _build(base, spec, prompts)
+        run = run_benchmark(replace(base, dtype=spec.dtype, optimizations=str(spec.optimizations)),
+                            modes=("performance",), generator=runner, show_progress=show_progress,
+                            label=f"quant-{spec.dtype}-{'-'.join(spec.optimizations.names()) or 'none'}")
+        perf = run.result("performance")
+        guard = compare_images(spec.name, reference, images, clip)
+        if fid is not None and len(prompts) >= MIN_FID_SAMPLES:
+            guard.fid_reference, guard.fid_test = fid(reference), fid(images)
+            guard = judge(guard)
+        row = dict(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
+                   peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
+                   first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
+                   verdict=guard.verdict)
+        if warm_start and spec.optimizations.compiles:
+            runner = None  # free this process's copy before the second start loads another
+            free_gpu_memory()
+            row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
+        return row
+    except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
+        return dict(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
+                    verdict="fail")
+    finally:
+        runner = None
+        free_gpu_memory()
 
 
 def results_table(rows: list[dict]):

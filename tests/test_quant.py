@@ -263,3 +263,29 @@ def test_inductor_options_set_while_building_a_configuration_do_not_leak(tmp_pat
     rows = quant.evaluate_configs(base, ["fp32:"], guard_samples=1, show_progress=False)
     assert rows[0]["status"] == "ok"
     assert inductor.coordinate_descent_tuning == before is False
+
+
+def test_a_failing_configuration_is_a_row_and_a_second_evaluation_resumes(tmp_path, monkeypatch):
+    """An out-of-memory configuration is recorded as such and the others still run; finished rows are not redone."""
+    import torch
+
+    from sccsdxl import pipeline
+    from sccsdxl.harness import RunConfig
+
+    real, built = pipeline.make_runner, []
+
+    def make_runner(*args, optimizations="", **kwargs):
+        built.append(optimizations)
+        if optimizations == "fuse_qkv":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB (simulated)")
+        return real(*args, optimizations=optimizations, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_runner", make_runner)
+    base = RunConfig(variant="base", model_source="tiny", dtype="fp32", device="cpu", batch_size=25,
+                     output_dir=str(tmp_path), warmup_batches=0)
+    rows = quant.evaluate_configs(base, ["fp32:fuse_qkv", "fp32:"], guard_samples=1, show_progress=False)
+    assert [r["status"] for r in rows] == ["out of memory", "ok"] and rows[0]["verdict"] == "fail"
+    assert "Tried to allocate 80 GiB" in rows[0]["error"] and rows[1]["samples_per_second"] > 0
+    built.clear()
+    again = quant.evaluate_configs(base, ["fp32:fuse_qkv", "fp32:"], guard_samples=1, show_progress=False)
+    assert again == rows and built == []  # read back from results.jsonl, the reference images from disk

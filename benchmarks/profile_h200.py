@@ -90,7 +90,8 @@ def profile(fn) -> dict:
             kernels[event.name] = kernels.get(event.name, 0.0) + (event.self_device_time_total or event.time_range.elapsed_us()) / 1000.0
     kinds: dict[str, float] = {}
     for name, ms in kernels.items():
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": [[name[:140], round(ms, 3)] for name, ms in top]}

@@ -37,8 +37,9 @@ from . import constants as C
 from .data import sample_set
 from .errors import DeviceError, KitError, ParameterError
 from .harness import (MODES, RUN_FILE, BenchmarkRun, RunConfig, list_run_dirs, plan_batch_shapes, results_table,
-                      run_benchmark, write_json)
+                      run_benchmark)
 from .pipeline import free_gpu_memory
+from .record import write_json
 
 BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = 1800.0  # longest silence allowed from a peer: one batch plus model loading, generously

@@ -114,8 +114,7 @@ def supported_options(device: str) -> list[str]:
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "vae_no_upcast", "vae_slicing"]
     if device == "cuda":
-        names += ["cuda_graphs", "int8"] + (["fp8"] if fp8_capable(device) else [])
-        names += ["quant_all_linears"]
+        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fp8"] if fp8_capable(device) else [])
     return names
 
 
@@ -136,7 +135,7 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("int8 dynamic quantization is only fast when compiled (torchao): add compile")
     if (opts.cuda_graphs or opts.compile_resnets or opts.compile_transformers) and not opts.compile:
         problems.append("cuda_graphs, compile_resnets and compile_transformers apply to compiled regions: add compile")
-    if opts.autotune and not (opts.compile or opts.compile_vae):
+    if opts.autotune and not opts.compiles:
         problems.append("autotune tunes compiled kernels: add compile or compile_vae")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
@@ -202,29 +201,27 @@ def _static_graphs() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
 
 
-def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False) -> int:
-    """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
-    names = {"Transformer2DModel" if transformers else "BasicTransformerBlock"}
-    names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
+def _compile_modules(root, names: set[str], mode: str | None = None) -> int:
+    """Compile every submodule whose class is named in ``names``, each as one full graph; returns how many."""
     _static_graphs()
-    mode = "reduce-overhead" if cuda_graphs else None
     count = 0
-    for module in unet.modules():
+    for module in root.modules():
         if type(module).__name__ in names:
             module.compile(fullgraph=True, mode=mode)
             count += 1
     return count
 
 
+def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False) -> int:
+    """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
+    names = {"Transformer2DModel" if transformers else "BasicTransformerBlock"}
+    names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
+    return _compile_modules(unet, names, "reduce-overhead" if cuda_graphs else None)
+
+
 def compile_vae_regions(vae) -> int:
     """Regional compilation of the VAE decoder: each ResNet block and upsampler is compiled once per shape."""
-    _static_graphs()
-    count = 0
-    for module in vae.decoder.modules():
-        if type(module).__name__ in ("ResnetBlock2D", "Upsample2D"):
-            module.compile(fullgraph=True)
-            count += 1
-    return count
+    return _compile_modules(vae.decoder, {"ResnetBlock2D", "Upsample2D"})
 
 
 @contextlib.contextmanager
@@ -281,12 +278,11 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
         inductor.coordinate_descent_tuning = opts.autotune
         info["coordinate_descent_tuning"] = opts.autotune
-    if opts.compile:
         info["inductor_cache"] = use_compile_cache(cache_dir)
+    if opts.compile:
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,
                                                    opts.compile_transformers)
     if opts.compile_vae:
-        info["inductor_cache"] = use_compile_cache(cache_dir)
         info["compiled_vae_regions"] = compile_vae_regions(pipe.vae)
     info["apply_seconds"] = round(time.perf_counter() - started, 2)
     return info

@@ -27,8 +27,8 @@ from typing import Callable, Iterable
 
 from .distributed import is_oom, load_runner
 from .errors import DeviceError, KitError, OutputError, ParameterError
-from .harness import RUN_FILE, RunConfig, list_run_dirs, run_benchmark, write_json
-from .record import archive_existing
+from .harness import RUN_FILE, RunConfig, list_run_dirs, run_benchmark
+from .record import archive_existing, write_json
 from .pipeline import free_gpu_memory
 
 SWEEP_DIR = "sweep"

@@ -29,12 +29,16 @@ OPTIONS: dict[str, str] = {
     "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
     "autotune": "with compile: inductor's coordinate-descent tuning of every compiled kernel (a few % faster, "
                 "cold compile several minutes longer)",
+    "multi_kernel": "with compile: inductor also builds one-pass (persistent) variants of row reductions up to 16k "
+                    "wide, such as LayerNorm or GEGLU fused with fp8 row scales, and keeps the faster at the first call",
     "compile_vae": "torch.compile the VAE decoder's ResNet blocks and upsamplers (regional, cached on disk)",
     "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
     "vae_slicing": "decode one image at a time (less memory at large batch sizes)",
     "fp8": "torchao fp8 dynamic quantization of the UNet's wide linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
     "int8": "torchao int8 dynamic quantization of the UNet's wide linear layers (Ampere and newer; needs compile)",
     "quant_all_linears": "with fp8/int8: quantize every linear of the transformer blocks, not only the wide ones",
+    "fused_geglu": "with fp8: each feed-forward's GEGLU and the fp8 row scaling of its down projection run as one "
+                   "Triton kernel, and the down projection runs in fp8 (sccsdxl.fused)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -54,12 +58,14 @@ class Optimizations:
     compile_transformers: bool = False
     cuda_graphs: bool = False
     autotune: bool = False
+    multi_kernel: bool = False
     compile_vae: bool = False
     vae_no_upcast: bool = False
     vae_slicing: bool = False
     fp8: bool = False
     int8: bool = False
     quant_all_linears: bool = False
+    fused_geglu: bool = False
     sdpa: str = "auto"
 
     @property
@@ -112,10 +118,18 @@ def fp8_capable(device: str) -> bool:
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
-             "autotune", "vae_no_upcast", "vae_slicing"]
+             "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing"]
     if device == "cuda":
-        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fp8"] if fp8_capable(device) else [])
+        names += ["cuda_graphs", "int8", "quant_all_linears"]
+        if fp8_capable(device):
+            names += ["fp8"] + (["fused_geglu"] if _fused_kernel_available() else [])
     return names
+
+
+def _fused_kernel_available() -> bool:
+    from .fused import available
+
+    return available()
 
 
 def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
@@ -135,8 +149,13 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("int8 dynamic quantization is only fast when compiled (torchao): add compile")
     if (opts.cuda_graphs or opts.compile_resnets or opts.compile_transformers) and not opts.compile:
         problems.append("cuda_graphs, compile_resnets and compile_transformers apply to compiled regions: add compile")
-    if opts.autotune and not opts.compiles:
-        problems.append("autotune tunes compiled kernels: add compile or compile_vae")
+    for name in ("autotune", "multi_kernel"):
+        if getattr(opts, name) and not opts.compiles:
+            problems.append(f"{name} changes compiled kernels: add compile or compile_vae")
+    if opts.fused_geglu and not opts.fp8:
+        problems.append("fused_geglu runs the feed-forward's down projection in fp8: add fp8")
+    elif opts.fused_geglu and not _fused_kernel_available():
+        problems.append("fused_geglu is a Triton kernel: it needs a GPU and the triton package")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
@@ -269,6 +288,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:
         pipe.vae.enable_slicing()
+    if opts.fused_geglu:  # before quantize_: the up projection it keeps is quantized with the other wide linears
+        from .fused import fuse_geglu_feed_forwards
+
+        info["fused_feed_forwards"] = fuse_geglu_feed_forwards(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.compiles:
@@ -278,6 +301,9 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
         inductor.coordinate_descent_tuning = opts.autotune
         info["coordinate_descent_tuning"] = opts.autotune
+        # a row of 1280-10240 values is reduced in two passes unless persistent; 1 = build both, time them
+        inductor.triton.multi_kernel = 1 if opts.multi_kernel else 0
+        info["multi_kernel"] = opts.multi_kernel
         info["inductor_cache"] = use_compile_cache(cache_dir)
     if opts.compile:
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,

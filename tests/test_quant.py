@@ -43,8 +43,10 @@ def test_configuration_needs_a_dtype():
     ("int8", "bf16", "only fast when compiled"),
     ("cuda_graphs", "bf16", "apply to compiled regions"),
     ("compile_transformers", "bf16", "apply to compiled regions"),
-    ("autotune", "bf16", "autotune tunes compiled kernels: add compile"),
+    ("autotune", "bf16", "autotune changes compiled kernels: add compile"),
+    ("multi_kernel", "bf16", "multi_kernel changes compiled kernels: add compile"),
     ("quant_all_linears", "bf16", "widens fp8 or int8 quantization"),
+    ("fused_geglu", "bf16", "fused_geglu runs the feed-forward's down projection in fp8: add fp8"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -102,6 +104,18 @@ def test_coordinate_descent_tuning_is_the_configurations_choice(options, tuned, 
         runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
         assert inductor.coordinate_descent_tuning is tuned and runner.info["coordinate_descent_tuning"] is tuned
     assert inductor.coordinate_descent_tuning is False
+
+
+@pytest.mark.parametrize("options,multi", [("compile", 0), ("compile,multi_kernel", 1)])
+def test_multi_kernel_is_the_configurations_choice(options, multi, tiny_runner):
+    """Persistent-reduction variants are built only for the configuration that names multi_kernel."""
+    import torch._inductor.config as inductor
+
+    with quant.own_inductor_settings():
+        inductor.triton.multi_kernel = 1 - multi  # what an earlier configuration left behind
+        runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
+        assert inductor.triton.multi_kernel == multi and runner.info["multi_kernel"] is bool(multi)
+    assert inductor.triton.multi_kernel == 0
 
 
 def test_guard_fails_a_broken_configuration(reference_images):

@@ -1,0 +1,100 @@
+"""The fused GEGLU + fp8 row quantization (option fused_geglu): its definition on the CPU, its kernel on a GPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sccsdxl import fused
+from sccsdxl.pipeline import build_random_pipeline
+
+
+def feed_forward(dim: int = 64, dtype=torch.bfloat16):
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    return FeedForward(dim, activation_fn="geglu").to(dtype).eval()
+
+
+def geglu(hidden: torch.Tensor) -> torch.Tensor:
+    value, gate = hidden.float().chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((test.float() - reference.float()).norm() / reference.float().norm())
+
+
+def test_reference_rows_dequantize_to_geglu_within_fp8_precision():
+    hidden = torch.randn(16, 2 * 96) * torch.logspace(-3, 2, 16)[:, None]  # rows of very different size
+    values, scales = fused.geglu_fp8_rows_reference(hidden)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (16, 96) and scales.shape == (16, 1)
+    exact = geglu(hidden)
+    assert torch.allclose(scales[:, 0], exact.abs().amax(dim=1) / fused.FP8_MAX)  # each row's largest maps to 448
+    # e4m3 keeps 3 mantissa bits: each value within 1/16 of itself, or of the row's smallest normal step
+    error = (values.float() * scales - exact).abs()
+    assert (error <= exact.abs() / 16 + scales * 2**-6).all()
+
+
+def test_an_all_zero_row_stays_finite():
+    hidden = torch.randn(3, 64)
+    hidden[1] = 0
+    values, scales = fused.geglu_fp8_rows(hidden)
+    assert torch.isfinite(values.float()).all() and scales[1, 0] == fused.MIN_SCALE and (values[1].float() == 0).all()
+
+
+def test_fused_feed_forward_matches_diffusers_feed_forward():
+    original = feed_forward()
+    fast = fused.Fp8GegluFeedForward(original)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, got = original(x), fast(x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    assert relative_error(got, expected) < 0.05  # fp8 rounding of the activations and the down weight
+    assert fast.down_weight.dtype == torch.float8_e4m3fn and fast.proj is original.net[0].proj
+
+
+def test_every_unet_feed_forward_is_swapped_and_the_unet_still_agrees():
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    unet = pipe.unet
+    count = sum(fused.is_geglu_feed_forward(m) for m in unet.modules())
+    torch.manual_seed(1)
+    sample = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled, dtype=torch.bfloat16), "time_ids": torch.rand(1, 6, dtype=torch.bfloat16)}
+    with torch.no_grad():
+        before = unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        assert fused.fuse_geglu_feed_forwards(unet) == count > 0
+        after = unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    assert not any(fused.is_geglu_feed_forward(m) for m in unet.modules())
+    assert sum(isinstance(m, fused.Fp8GegluFeedForward) for m in unet.modules()) == count
+    assert relative_error(after, before) < 0.05
+
+
+gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")
+
+
+@gpu
+@pytest.mark.parametrize("n_cols", [2560, 5120, 1000])  # SDXL's two widths, and one that is not a power of two
+def test_kernel_matches_the_reference(n_cols):
+    torch.manual_seed(2)
+    hidden = (torch.randn(512, 2 * n_cols, device="cuda") * 3).to(torch.bfloat16)
+    values, scales = fused.geglu_fp8_rows(hidden)
+    ref_values, ref_scales = fused.geglu_fp8_rows_reference(hidden)
+    assert torch.allclose(scales, ref_scales, rtol=1e-5)
+    # erf differs in the last fp32 bits between Triton and torch: a value on a rounding edge may move one fp8 step
+    differ = values.float() != ref_values.float()
+    assert differ.float().mean() < 1e-3
+    step = (ref_values.float().abs() / 8).clamp(min=2**-9)
+    assert ((values.float() - ref_values.float()).abs()[differ] <= step[differ] + 1e-6).all()
+
+
+@gpu
+def test_compiled_fused_feed_forward_matches_eager():
+    fast = fused.Fp8GegluFeedForward(feed_forward(640).cuda())
+    x = torch.randn(4, 256, 640, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = fast(x)
+        compiled = torch.compile(fast, fullgraph=True)(x)
+        expected = feed_forward(640).cuda()(x)
+    assert relative_error(compiled, eager) < 1e-2
+    assert relative_error(eager, expected) < 0.05

@@ -40,20 +40,46 @@ def geglu_fp8_rows_reference(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 if triton is not None:
-    @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16)], key=["n_cols"])
+    def _configs() -> list:
+        """One pass (the whole row in registers, few rows per SM) or two passes over chunks (the second reads the
+        row back from L2; many rows per SM): which is faster depends on the row width and the GPU."""
+        one_pass = [triton.Config({"CHUNK": 0}, num_warps=w) for w in (8, 16)]
+        two_pass = [triton.Config({"CHUNK": c}, num_warps=w) for c in (1024, 2048) for w in (4, 8)]
+        return one_pass + two_pass
+
     @triton.jit
-    def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_cols, hidden_stride, out_stride,
-                               BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # rows x 2n passes 2**31 at batch 50
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        base = hidden_ptr + row * hidden_stride
+    def _geglu(base, cols, mask, n_cols):
         value = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(base + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        scale = tl.maximum(tl.max(tl.abs(out), axis=0) / FP8_MAX, MIN_SCALE)
-        quantized = tl.clamp(out / scale, -FP8_MAX, FP8_MAX)
-        tl.store(out_ptr + row * out_stride + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+        return value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+
+    @triton.autotune(configs=_configs(), key=["n_cols"])
+    @triton.jit
+    def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_cols, hidden_stride, out_stride,
+                               BLOCK: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr,
+                               MIN_SCALE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # rows x 2n passes 2**31 at batch 50
+        base = hidden_ptr + row * hidden_stride
+        out_row = out_ptr + row * out_stride
+        if CHUNK == 0:
+            cols = tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            out = _geglu(base, cols, mask, n_cols)
+            scale = tl.maximum(tl.max(tl.abs(out), axis=0) / FP8_MAX, MIN_SCALE)
+            quantized = tl.clamp(out / scale, -FP8_MAX, FP8_MAX)
+            tl.store(out_row + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            largest = tl.zeros((CHUNK,), dtype=tl.float32)
+            for start in range(0, n_cols, CHUNK):
+                cols = start + tl.arange(0, CHUNK)
+                mask = cols < n_cols
+                largest = tl.maximum(largest, tl.abs(_geglu(base, cols, mask, n_cols)))
+            scale = tl.maximum(tl.max(largest, axis=0) / FP8_MAX, MIN_SCALE)
+            for start in range(0, n_cols, CHUNK):
+                cols = start + tl.arange(0, CHUNK)
+                mask = cols < n_cols
+                quantized = tl.clamp(_geglu(base, cols, mask, n_cols) / scale, -FP8_MAX, FP8_MAX)
+                tl.store(out_row + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
     @triton_op("sccsdxl::geglu_fp8_rows", mutates_args=())
@@ -102,8 +128,12 @@ class Fp8GegluFeedForward(torch.nn.Module):
 
         up = self.proj(hidden_states)
         values, scales = geglu_fp8_rows(up.reshape(-1, up.shape[-1]))
-        out = addmm_float8_unwrapped_inference(values, scales, self.down_weight.t(), self.down_scale,
-                                               output_dtype=up.dtype, bias=self.down_bias, use_fast_accum=True)
+        if up.is_cuda:
+            out = addmm_float8_unwrapped_inference(values, scales, self.down_weight.t(), self.down_scale,
+                                                   output_dtype=up.dtype, bias=self.down_bias, use_fast_accum=True)
+        else:  # the same product from the dequantized values (torch's CPU scaled-mm takes per-row scales only lately)
+            out = F.linear((values.float() * scales).to(up.dtype),
+                           (self.down_weight.float() * self.down_scale.t()).to(up.dtype), self.down_bias)
         return out.reshape(*up.shape[:-1], out.shape[-1])
 
 

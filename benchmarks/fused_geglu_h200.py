@@ -1,7 +1,8 @@
 """BENCHMARKS.md "One-pass GEGLU + fp8": sccsdxl.fused's kernel alone on the two SDXL feed-forward shapes at batch 25.
 
-Times the fused GEGLU + per-row fp8 quantization (eager, after its autotuning) against the unfused torch
-definition, and prints the chosen Triton config and the bytes moved per second. Run on a GPU node:
+Times each strategy the kernel's autotuning chooses from (one pass padded, one pass head + tail, two passes
+over chunks; several warp counts), the autotuned call, and the unfused torch definition, with the bytes
+moved per second (read 2n bf16, write n fp8 and a scale per row). Run on a GPU node:
   python3 benchmarks/fused_geglu_h200.py
 """
 import sys
@@ -25,12 +26,26 @@ def gpu_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-print("| shape | fused ms | GB/s | unfused ms | config |")
+def launch(hidden, values, scales, config):
+    n_cols = values.shape[1]
+    head, tail = fused._head_and_tail(n_cols)
+    fused._geglu_fp8_rows_kernel.fn[(hidden.shape[0],)](
+        hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=fused.triton.next_power_of_2(n_cols),
+        HEAD=head, TAIL=tail, FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, num_warps=config.num_warps,
+        **config.kwargs)
+
+
+print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
+print("| shape | kernel | ms | GB/s |\n|---|---|---|---|")
 for name, (rows, width) in SHAPES.items():
     hidden = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    fused_ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden))
+    values = torch.empty(rows, width // 2, device="cuda", dtype=fused.FP8)
+    scales = torch.empty(rows, 1, device="cuda")
     moved = rows * width * 2 + rows * width // 2 + rows * 4
-    unfused_ms = gpu_ms(lambda: fused.geglu_fp8_rows_reference(hidden), reps=3)
-    best = getattr(fused._geglu_fp8_rows_kernel, "best_config", None)
-    print(f"| {name} | {fused_ms:.3f} | {moved / fused_ms / 1e6:.0f} | {unfused_ms:.3f} | {best} |")
+    for config in fused._configs():
+        ms = gpu_ms(lambda: launch(hidden, values, scales, config))
+        print(f"| {name} | {config.kwargs} num_warps {config.num_warps} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
+    ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden))
+    print(f"| {name} | autotuned: {fused._geglu_fp8_rows_kernel.best_config} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
+    ms = gpu_ms(lambda: fused.geglu_fp8_rows_reference(hidden), reps=3)
+    print(f"| {name} | unfused torch (eager) | {ms:.3f} | {moved / ms / 1e6:.0f} |")

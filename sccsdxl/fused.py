@@ -42,10 +42,17 @@ def geglu_fp8_rows_reference(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.
 if triton is not None:
     def _configs() -> list:
         """One pass (the whole row in registers, few rows per SM) or two passes over chunks (the second reads the
-        row back from L2; many rows per SM): which is faster depends on the row width and the GPU."""
-        one_pass = [triton.Config({"CHUNK": 0}, num_warps=w) for w in (8, 16)]
-        two_pass = [triton.Config({"CHUNK": c}, num_warps=w) for c in (1024, 2048) for w in (4, 8)]
+        row back from L2; many rows per SM): which is faster depends on the row width and the GPU. One pass holds
+        the row padded to a power of two (5120 -> 8192 registers' worth) or, SPLIT, as a power-of-two head and a
+        short tail (4096 + 1024), which leaves room for more rows per SM."""
+        one_pass = [triton.Config({"CHUNK": 0, "SPLIT": split}, num_warps=w) for split in (False, True) for w in (8, 16)]
+        two_pass = [triton.Config({"CHUNK": c, "SPLIT": False}, num_warps=w) for c in (1024, 2048) for w in (4, 8)]
         return one_pass + two_pass
+
+    def _head_and_tail(n_cols: int) -> tuple[int, int]:
+        """5120 -> (4096, 1024); 2560 -> (2048, 512); 100 -> (64, 64), the tail masked; 128 -> (128, 0)."""
+        head = 1 << (n_cols.bit_length() - 1)
+        return head, triton.next_power_of_2(n_cols - head) if n_cols > head else 0
 
     @triton.jit
     def _geglu(base, cols, mask, n_cols):
@@ -56,12 +63,27 @@ if triton is not None:
     @triton.autotune(configs=_configs(), key=["n_cols"])
     @triton.jit
     def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_cols, hidden_stride, out_stride,
-                               BLOCK: tl.constexpr, CHUNK: tl.constexpr, FP8_MAX: tl.constexpr,
-                               MIN_SCALE: tl.constexpr):
+                               BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, CHUNK: tl.constexpr,
+                               SPLIT: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # rows x 2n passes 2**31 at batch 50
         base = hidden_ptr + row * hidden_stride
         out_row = out_ptr + row * out_stride
-        if CHUNK == 0:
+        if CHUNK == 0 and SPLIT:
+            cols = tl.arange(0, HEAD)
+            mask = cols < n_cols
+            out = _geglu(base, cols, mask, n_cols)
+            largest = tl.max(tl.abs(out), axis=0)
+            if TAIL > 0:
+                tail_cols = HEAD + tl.arange(0, TAIL)
+                tail_mask = tail_cols < n_cols
+                tail = _geglu(base, tail_cols, tail_mask, n_cols)
+                largest = tl.maximum(largest, tl.max(tl.abs(tail), axis=0))
+            scale = tl.maximum(largest / FP8_MAX, MIN_SCALE)
+            tl.store(out_row + cols, tl.clamp(out / scale, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty), mask=mask)
+            if TAIL > 0:
+                tail_out = tl.clamp(tail / scale, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+                tl.store(out_row + tail_cols, tail_out, mask=tail_mask)
+        elif CHUNK == 0:
             cols = tl.arange(0, BLOCK)
             mask = cols < n_cols
             out = _geglu(base, cols, mask, n_cols)
@@ -88,9 +110,10 @@ if triton is not None:
         n_cols = width // 2
         out = torch.empty((rows, n_cols), device=hidden.device, dtype=FP8)
         scale = torch.empty((rows, 1), device=hidden.device, dtype=torch.float32)
+        head, tail = _head_and_tail(n_cols)
         wrap_triton(_geglu_fp8_rows_kernel)[(rows,)](
             hidden, out, scale, n_cols, hidden.stride(0), out.stride(0),
-            BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
+            BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
         return out, scale
 
 

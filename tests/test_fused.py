@@ -1,4 +1,9 @@
 """The fused GEGLU + fp8 row quantization (option fused_geglu): its definition on the CPU, its kernel on a GPU."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,7 +75,56 @@ def test_every_unet_feed_forward_is_swapped_and_the_unet_still_agrees():
     assert relative_error(after, before) < 0.05
 
 
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from sccsdxl import fused
+
+    torch.manual_seed(3)
+    strategies = {"padded one pass": dict(CHUNK=0, SPLIT=False), "head + tail one pass": dict(CHUNK=0, SPLIT=True),
+                  "two passes": dict(CHUNK=32, SPLIT=False)}
+    for rows, n_cols in ((5, 100), (3, 96), (2, 128)):  # a masked tail, an exact tail, no tail
+        hidden = (torch.randn(rows, 2 * n_cols) * 3).to(torch.bfloat16)
+        value, gate = hidden.float().chunk(2, dim=-1)
+        exact = value * torch.nn.functional.gelu(gate)
+        ref_scales = exact.abs().amax(dim=1, keepdim=True) / fused.FP8_MAX
+        head, tail = fused._head_and_tail(n_cols)
+        for name, strategy in strategies.items():
+            # fp32 output: the kernel's values before the fp8 cast (the interpreter's own cast is not exact; the
+            # hardware's is tested on the GPU)
+            values = torch.full((rows, n_cols), float("nan"))
+            scales = torch.zeros(rows, 1)
+            fused._geglu_fp8_rows_kernel.fn[(rows,)](
+                hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=128, HEAD=head, TAIL=tail,
+                FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, **strategy)
+            where = (name, n_cols)
+            assert torch.allclose(scales, ref_scales, rtol=1e-5), where
+            assert torch.allclose(values, exact / ref_scales, rtol=1e-4, atol=1e-3), where  # every column written
+            assert values.abs().amax(dim=1).sub(fused.FP8_MAX).abs().max() < 1e-2, where  # the largest maps to 448
+    print("kernel ok")
+""")
+
+
+@pytest.mark.skipif(fused.triton is None or fused.available(),
+                    reason="needs the triton package; on a GPU the tests below run the compiled kernel itself (older "
+                           "Triton interpreters, e.g. with torch 2.11, cannot run it)")
+def test_kernel_in_tritons_cpu_interpreter_reads_the_right_halves_and_columns():
+    """The Triton kernel itself, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
+
+
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")
+triton = fused.triton
+
+
+def assert_close_to_reference(values, scales, ref_values, ref_scales):
+    assert torch.allclose(scales, ref_scales, rtol=1e-5)
+    # erf differs in the last fp32 bits between Triton and torch: a value on a rounding edge may move one fp8 step
+    differ = values.float() != ref_values.float()
+    assert differ.float().mean() < 1e-3
+    step = (ref_values.float().abs() / 8).clamp(min=2**-9)
+    assert ((values.float() - ref_values.float()).abs()[differ] <= step[differ] + 1e-6).all()
 
 
 @gpu
@@ -78,14 +132,17 @@ gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs 
 def test_kernel_matches_the_reference(n_cols):
     torch.manual_seed(2)
     hidden = (torch.randn(512, 2 * n_cols, device="cuda") * 3).to(torch.bfloat16)
-    values, scales = fused.geglu_fp8_rows(hidden)
     ref_values, ref_scales = fused.geglu_fp8_rows_reference(hidden)
-    assert torch.allclose(scales, ref_scales, rtol=1e-5)
-    # erf differs in the last fp32 bits between Triton and torch: a value on a rounding edge may move one fp8 step
-    differ = values.float() != ref_values.float()
-    assert differ.float().mean() < 1e-3
-    step = (ref_values.float().abs() / 8).clamp(min=2**-9)
-    assert ((values.float() - ref_values.float()).abs()[differ] <= step[differ] + 1e-6).all()
+    assert_close_to_reference(*fused.geglu_fp8_rows(hidden), ref_values, ref_scales)  # the autotuned choice
+    head, tail = fused._head_and_tail(n_cols)
+    for config in fused._configs():  # and every strategy it chooses from
+        values = torch.empty_like(ref_values)
+        scales = torch.empty_like(ref_scales)
+        fused._geglu_fp8_rows_kernel.fn[(hidden.shape[0],)](
+            hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
+            HEAD=head, TAIL=tail, FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, num_warps=config.num_warps,
+            **config.kwargs)
+        assert_close_to_reference(values, scales, ref_values, ref_scales)
 
 
 @gpu

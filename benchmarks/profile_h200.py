@@ -31,6 +31,7 @@ from sccsdxl.pipeline import build_random_pipeline, free_gpu_memory  # noqa: E40
 from sccsdxl.quant import apply_optimizations, own_inductor_settings, parse_optimizations, sdpa_context  # noqa: E402
 
 KINDS = (  # first match wins; names of cuBLAS, CUTLASS, cuDNN, flash and Triton kernels
+    ("fused geglu+fp8", ("geglu_fp8",)),  # sccsdxl.fused's kernel (its name has "fp8" in it)
     ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
     ("gemm fp8", ("f8", "e4m3", "fp8", "qgemm", "qqtst")),  # nvjet_*_qqtst_*: cuBLAS fp8
     ("conv", ("conv", "fprop", "implicit", "winograd", "dgrad", "nhwc", "nchw")),

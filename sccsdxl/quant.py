@@ -30,7 +30,7 @@ OPTIONS: dict[str, str] = {
     "autotune": "with compile: inductor's coordinate-descent tuning of every compiled kernel (a few % faster, "
                 "cold compile several minutes longer)",
     "multi_kernel": "with compile: inductor also builds one-pass (persistent) variants of row reductions up to 16k "
-                    "wide, such as LayerNorm or GEGLU fused with fp8 row scales, and keeps the faster at the first call",
+                    "wide, such as LayerNorm fused with fp8 row scales, and keeps the faster at the first call",
     "compile_vae": "torch.compile the VAE decoder's ResNet blocks and upsamplers (regional, cached on disk)",
     "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
     "vae_slicing": "decode one image at a time (less memory at large batch sizes)",

@@ -27,18 +27,14 @@ except ImportError:  # CPU-only installs without Triton keep the reference path
 
 
 def available() -> bool:
-    """The fused kernel needs Triton and a CUDA (or ROCm) GPU."""
-    return triton is not None and torch.cuda.is_available()
+    """The fused kernel needs Triton and an NVIDIA GPU (it writes e4m3fn; MI300's fp8 matmuls take e4m3fnuz)."""
+    return triton is not None and torch.cuda.is_available() and torch.version.hip is None
 
 
 def geglu_fp8_rows_reference(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GEGLU of a (rows, 2n) projection, quantized to fp8 with one scale per row: the unfused definition."""
-    from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
-
     value, gate = hidden.float().chunk(2, dim=-1)
-    out = value * F.gelu(gate)
-    scale = _choose_scale_float8(out, [1, out.shape[-1]], FP8).clamp(min=MIN_SCALE)
-    return _quantize_affine_float8(out, scale, FP8), scale
+    return quantize_rows(value * F.gelu(gate))
 
 
 if triton is not None:
@@ -126,13 +122,14 @@ def geglu_fp8_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return geglu_fp8_rows_reference(hidden)
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear's weight as torchao's per-row fp8 config stores it: (out, in) fp8 and (out, 1) scales."""
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 with torchao's primitives, as its fp8 config quantizes weights and activations: (rows, n) fp8
+    and (rows, 1) fp32 scales."""
     from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
 
-    weight = weight.detach().float()
-    scale = _choose_scale_float8(weight, [1, weight.shape[1]], FP8).clamp(min=MIN_SCALE)
-    return _quantize_affine_float8(weight, scale, FP8), scale
+    matrix = matrix.detach().float()
+    scale = _choose_scale_float8(matrix, [1, matrix.shape[1]], FP8).clamp(min=MIN_SCALE)
+    return _quantize_affine_float8(matrix, scale, FP8), scale
 
 
 class Fp8GegluFeedForward(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md "One-pass GEGLU + fp8": sccsdxl.fused's kernel alone on the two SDXL feed-forward shapes at batch 25.
+"""BENCHMARKS.md "Batch 50, a fused GEGLU + fp8 kernel": sccsdxl.fused's kernel alone on the two SDXL feed-forward shapes at batch 25.
 
 Times each strategy the kernel's autotuning chooses from (one pass padded, one pass head + tail, two passes
 over chunks; several warp counts), the autotuned call, and the unfused torch definition, with the bytes
@@ -26,15 +26,6 @@ def gpu_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def launch(hidden, values, scales, config):
-    n_cols = values.shape[1]
-    head, tail = fused._head_and_tail(n_cols)
-    fused._geglu_fp8_rows_kernel.fn[(hidden.shape[0],)](
-        hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=fused.triton.next_power_of_2(n_cols),
-        HEAD=head, TAIL=tail, FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, num_warps=config.num_warps,
-        **config.kwargs)
-
-
 print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
 print("| shape | kernel | ms | GB/s |\n|---|---|---|---|")
 for name, (rows, width) in SHAPES.items():
@@ -43,7 +34,7 @@ for name, (rows, width) in SHAPES.items():
     scales = torch.empty(rows, 1, device="cuda")
     moved = rows * width * 2 + rows * width // 2 + rows * 4
     for config in fused._configs():
-        ms = gpu_ms(lambda: launch(hidden, values, scales, config))
+        ms = gpu_ms(lambda: fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs))
         print(f"| {name} | {config.kwargs} num_warps {config.num_warps} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
     ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden))
     print(f"| {name} | autotuned: {fused._geglu_fp8_rows_kernel.best_config} | {ms:.3f} | {moved / ms / 1e6:.0f} |")

@@ -1,4 +1,5 @@
-"""BENCHMARKS.md "Batch 25 and 50, larger compiled regions": the UNet and the VAE decoder as the kit builds them.
+"""The UNet and the VAE decoder as the kit builds them (BENCHMARKS.md "Batch 25 and 50, larger compiled regions"
+and "Batch 50, a fused GEGLU + fp8 kernel").
 
 Each configuration is built by `sccsdxl.quant.apply_optimizations` on a fresh synthetic (full-size, random
 weights) bf16 pipeline, exactly as a run builds it, with dynamo reset and its own inductor cache directory so

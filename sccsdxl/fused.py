@@ -2,12 +2,12 @@
 
 With every block linear in fp8 (quant_all_linears), inductor fuses GEGLU with torchao's per-row quantization
 of the down projection's input, but as a looped reduction (a first loop over each 5120-wide row for its
-largest value, a second to scale and store it): 114 ms of a 630 ms UNet forward on an H200 where GEGLU alone took 37 ms (BENCHMARKS.md). Here a
-Triton kernel reads the up projection's output once and writes fp8 values and one scale per row, and the down
-projection runs as an fp8 matmul through torchao's scaled-mm helper, with its weight quantized per row by
-torchao's own primitives (the same numbers as torchao's fp8 config). On the H200 the kernel moves 2.5-2.9 TB/s
-(one pass, the row held as a 4096 + 1024 head and tail); the UNet forward went from 611 to 589 ms with the
-first, padded version of it.
+largest value, a second to scale and store it): 114 ms of a 630 ms UNet forward on an H200, where GEGLU alone
+took 37 ms (BENCHMARKS.md). Here a Triton kernel reads the up projection's output once and writes fp8 values
+and one scale per row, and the down projection runs as an fp8 matmul through torchao's scaled-mm helper, with
+its weight quantized per row by torchao's own primitives (the same numbers as torchao's fp8 config). On the
+H200 the kernel moves 2.5-2.9 TB/s (one pass, the row held as a 4096 + 1024 head and tail); the UNet forward
+went from 611 to 589 ms with the first, padded version of it.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ if triton is not None:
         row back from L2; many rows per SM): which is faster depends on the row width and the GPU. One pass holds
         the row padded to a power of two (5120 -> 8192 registers' worth) or, SPLIT, as a power-of-two head and a
         short tail (4096 + 1024), which leaves room for more rows per SM."""
-        one_pass = [triton.Config({"CHUNK": 0, "SPLIT": split}, num_warps=w) for split in (False, True) for w in (8, 16)]
+        one_pass = [triton.Config({"CHUNK": 0, "SPLIT": split}, num_warps=w)
+                    for split in (False, True) for w in (8, 16)]
         two_pass = [triton.Config({"CHUNK": c, "SPLIT": False}, num_warps=w) for c in (1024, 2048) for w in (4, 8)]
         return one_pass + two_pass
 
@@ -102,17 +103,26 @@ if triton is not None:
                 tl.store(out_row + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
+    def _launch(kernel, hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
+        """Run ``kernel`` on (rows, 2n) ``hidden``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
+        n_cols = values.shape[1]
+        head, tail = _head_and_tail(n_cols)
+        kernel[(hidden.shape[0],)](hidden, values, scales, n_cols, hidden.stride(0), values.stride(0),
+                                   BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX,
+                                   MIN_SCALE=MIN_SCALE, **config)
+
+    def run_strategy(hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, num_warps: int = 4,
+                     **strategy) -> None:
+        """One strategy the autotuning chooses from (CHUNK, SPLIT), run directly: for tests and the benchmark."""
+        _launch(_geglu_fp8_rows_kernel.fn, hidden, values, scales, num_warps=num_warps, **strategy)
+
     @triton_op("sccsdxl::geglu_fp8_rows", mutates_args=())
     def _geglu_fp8_rows_gpu(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, width = hidden.shape
-        n_cols = width // 2
-        out = torch.empty((rows, n_cols), device=hidden.device, dtype=FP8)
-        scale = torch.empty((rows, 1), device=hidden.device, dtype=torch.float32)
-        head, tail = _head_and_tail(n_cols)
-        wrap_triton(_geglu_fp8_rows_kernel)[(rows,)](
-            hidden, out, scale, n_cols, hidden.stride(0), out.stride(0),
-            BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE)
-        return out, scale
+        values = torch.empty((rows, width // 2), device=hidden.device, dtype=FP8)
+        scales = torch.empty((rows, 1), device=hidden.device, dtype=torch.float32)
+        _launch(wrap_triton(_geglu_fp8_rows_kernel), hidden, values, scales)
+        return values, scales
 
 
 def geglu_fp8_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,7 +155,7 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.fused_geglu and not opts.fp8:
         problems.append("fused_geglu runs the feed-forward's down projection in fp8: add fp8")
     elif opts.fused_geglu and not _fused_kernel_available():
-        problems.append("fused_geglu is a Triton kernel: it needs a GPU and the triton package")
+        problems.append("fused_geglu is a Triton kernel: it needs an NVIDIA GPU and the triton package")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":

@@ -87,15 +87,12 @@ INTERPRETED = textwrap.dedent("""
         value, gate = hidden.float().chunk(2, dim=-1)
         exact = value * torch.nn.functional.gelu(gate)
         ref_scales = exact.abs().amax(dim=1, keepdim=True) / fused.FP8_MAX
-        head, tail = fused._head_and_tail(n_cols)
         for name, strategy in strategies.items():
             # fp32 output: the kernel's values before the fp8 cast (the interpreter's own cast is not exact; the
             # hardware's is tested on the GPU)
             values = torch.full((rows, n_cols), float("nan"))
             scales = torch.zeros(rows, 1)
-            fused._geglu_fp8_rows_kernel.fn[(rows,)](
-                hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=128, HEAD=head, TAIL=tail,
-                FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, **strategy)
+            fused.run_strategy(hidden, values, scales, **strategy)
             where = (name, n_cols)
             assert torch.allclose(scales, ref_scales, rtol=1e-5), where
             assert torch.allclose(values, exact / ref_scales, rtol=1e-4, atol=1e-3), where  # every column written
@@ -115,7 +112,6 @@ def test_kernel_in_tritons_cpu_interpreter_reads_the_right_halves_and_columns():
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")
-triton = fused.triton
 
 
 def assert_close_to_reference(values, scales, ref_values, ref_scales):
@@ -134,14 +130,10 @@ def test_kernel_matches_the_reference(n_cols):
     hidden = (torch.randn(512, 2 * n_cols, device="cuda") * 3).to(torch.bfloat16)
     ref_values, ref_scales = fused.geglu_fp8_rows_reference(hidden)
     assert_close_to_reference(*fused.geglu_fp8_rows(hidden), ref_values, ref_scales)  # the autotuned choice
-    head, tail = fused._head_and_tail(n_cols)
     for config in fused._configs():  # and every strategy it chooses from
         values = torch.empty_like(ref_values)
         scales = torch.empty_like(ref_scales)
-        fused._geglu_fp8_rows_kernel.fn[(hidden.shape[0],)](
-            hidden, values, scales, n_cols, hidden.stride(0), values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
-            HEAD=head, TAIL=tail, FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE, num_warps=config.num_warps,
-            **config.kwargs)
+        fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs)
         assert_close_to_reference(values, scales, ref_values, ref_scales)
 
 

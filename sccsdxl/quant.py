@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -549,7 +550,7 @@ def evaluate_configs(base, specs: list[str], guard_samples: int = 8, metric_mode
         row = {"config": spec.name, "dtype": spec.dtype, "optimizations": str(spec.optimizations),
                "reference": reference_spec(device)}
         with own_inductor_settings():  # torchao's quantize_ changes inductor options process-wide
-            row.update(_evaluate(base, spec, prompts, reference, scorers, show_progress, warm_start))
+            row.update(_evaluate(base, spec, prompts, reference, scorers, show_progress, warm_start, results_dir))
         with open(results_dir / RESULTS_FILE, "a") as fh:
             fh.write(json.dumps(row, default=str) + "\n")
         rows.append(row)
@@ -570,7 +571,7 @@ def _build(base, spec: ConfigSpec, prompts: list[str]):
 
 
 def _evaluate(base, spec: ConfigSpec, prompts: list[str], reference: np.ndarray, scorers, show_progress: bool,
-              warm_start: bool) -> dict[str, Any]:
+              warm_start: bool, results_dir: Path | None = None) -> dict[str, Any]:
     """One configuration's row: speed, guard verdict, compile times; an OOM or a failing option is a result."""
     from dataclasses import replace
 
@@ -597,7 +598,11 @@ def _evaluate(base, spec: ConfigSpec, prompts: list[str], reference: np.ndarray,
         if warm_start and spec.optimizations.compiles:
             runner = None  # free this process's copy before the second start loads another
             free_gpu_memory()
-            row["warm_first_call_seconds"] = warm_start_seconds(base, spec.name, len(prompts))["first_call_seconds"]
+            try:
+                warm = warm_start_seconds(base, spec.name, len(prompts), log_dir=results_dir)
+                row["warm_first_call_seconds"] = warm["first_call_seconds"]
+            except Exception as exc:  # noqa: BLE001 - the measurements above stand; the failure is reported
+                row["warm_start_error"] = f"{type(exc).__name__}: {exc}"
         return row
     except Exception as exc:  # noqa: BLE001 - an OOM or a failing option is a result, not the end of the sweep
         return dict(status="out of memory" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}",
@@ -617,6 +622,7 @@ def results_table(rows: list[dict]):
         "first call s": r.get("first_call_seconds"), "warm first call s": r.get("warm_first_call_seconds"),
         "verdict": r["verdict"],
         "PSNR dB": (r.get("guard") or {}).get("mean_psnr_db"), "CLIP delta": (r.get("guard") or {}).get("clip_delta"),
+        "error": r.get("error") or r.get("warm_start_error"),
     } for r in rows]).set_index("config")
     reference = table["samples/s"].get(rows[0].get("reference", REFERENCE_SPEC)) if rows else None
     table["speedup"] = table["samples/s"] / reference if reference else None
@@ -681,10 +687,12 @@ def plot_results(rows: list[dict]):
 
 # ---------------------------------------------------------------- warm start: a new process with the compile cache
 
-def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800) -> dict:
+def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800, log_dir: str | Path | None = None) -> dict:
     """Load + first call of ``spec`` in a fresh process that reuses the kit's on-disk compile cache.
 
-    The in-process first call measures a cold compile; this measures what a second notebook run costs.
+    The in-process first call measures a cold compile; this measures what a second notebook run costs. When the
+    process fails, its whole output goes to a new log file in ``log_dir`` (default: the output directory) and
+    the error names the exception and that file.
     """
     import json
     import subprocess
@@ -696,9 +704,31 @@ def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800) -> 
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"warm-start measurement of {spec!r} failed: {tail[0]}")
+        log = _new_log_path(Path(log_dir or base.output_dir), "warm-start")
+        log.write_text(f"$ {' '.join(command)}\n\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+        raise RuntimeError(f"warm-start measurement of {spec!r} failed: {failure_line(done.stderr or done.stdout)} "
+                           f"(full output: {log})")
     return json.loads(lines[-1])
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt)\b.*")
+
+
+def failure_line(output: str) -> str:
+    """The line of a traceback that names the exception, not the hints printed after it (dynamo's, for one)."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    named = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (named or lines or ["no output"])[-1]
+
+
+def _new_log_path(directory: Path, stem: str) -> Path:
+    """A log file name not used before in ``directory`` (earlier logs are kept)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = directory / f"{stem}-{stamp}.log", 1
+    while path.exists():
+        path, n = directory / f"{stem}-{stamp}-{n}.log", n + 1
+    return path
 
 
 def _first_call_main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
 """The fused GEGLU + fp8 row quantization (option fused_geglu): its definition on the CPU, its kernel on a GPU."""
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,36 @@ def test_compiled_fused_feed_forward_matches_eager():
         expected = feed_forward(640).cuda()(x)
     assert relative_error(compiled, eager) < 1e-2
     assert relative_error(eager, expected) < 0.05
+
+
+WARM_CACHE_SCRIPT = textwrap.dedent("""
+    import importlib, json, sys
+    import torch
+    from torch._dynamo.utils import counters
+    from diffusers.models.attention import FeedForward
+    from sccsdxl.quant import use_compile_cache
+
+    use_compile_cache(sys.argv[1])
+    fused = importlib.import_module(sys.argv[2] if len(sys.argv) > 2 else "sccsdxl.fused")
+    torch.manual_seed(0)
+    module = fused.Fp8GegluFeedForward(FeedForward(640, activation_fn="geglu").to(torch.bfloat16).cuda().eval())
+    x = torch.randn(2, 256, 640, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(module, fullgraph=True)(x)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    print(json.dumps({"sum": float(out.float().sum()), "cache_hits": hits}))
+""")
+
+
+@gpu
+def test_compiled_fused_feed_forward_starts_warm_from_the_disk_cache_in_a_new_process(tmp_path):
+    """What 04's warm start does: a second process must load the compiled graph holding the kernel from the cache."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", WARM_CACHE_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[1]["cache_hits"] > 0  # the second process loaded the graph, it did not compile it again
+    assert runs[1]["sum"] == pytest.approx(runs[0]["sum"], rel=1e-3)

@@ -303,3 +303,52 @@ def test_a_failing_configuration_is_a_row_and_a_second_evaluation_resumes(tmp_pa
     built.clear()
     again = quant.evaluate_configs(base, ["fp32:fuse_qkv", "fp32:"], guard_samples=1, show_progress=False)
     assert again == rows and built == []  # read back from results.jsonl, the reference images from disk
+
+
+def test_failure_line_skips_the_hints_after_the_exception():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+              "torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised:\n"
+              "AssertionError: kernel 3 is not in the side table\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting "
+              "a bug to PyTorch). For even more developer context, set TORCH_LOGS=\"+dynamo\"\n")
+    assert quant.failure_line(stderr) == "AssertionError: kernel 3 is not in the side table"
+    assert quant.failure_line("just one line\n") == "just one line"
+    assert quant.failure_line("") == "no output"
+
+
+def test_a_failed_warm_start_names_the_exception_and_keeps_its_output(tmp_path):
+    from sccsdxl.harness import RunConfig
+
+    base = RunConfig(variant="base", model_source="tiny", device="cpu", output_dir=str(tmp_path / "out"))
+    with pytest.raises(RuntimeError) as failed:
+        quant.warm_start_seconds(base, "fp32:no_such_option", 1, log_dir=tmp_path / "logs")
+    message = str(failed.value)
+    assert "ParameterError" in message and "no_such_option" in message and "TORCHDYNAMO" not in message
+    logs = list((tmp_path / "logs").glob("warm-start-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in message and "Traceback" in logs[0].read_text()
+    with pytest.raises(RuntimeError):  # a second failure writes a second log; the first is kept
+        quant.warm_start_seconds(base, "fp32:no_such_option", 1, log_dir=tmp_path / "logs")
+    assert len(list((tmp_path / "logs").glob("warm-start-*.log"))) == 2
+
+
+def test_a_failed_warm_start_keeps_the_configurations_measurements(tmp_path, monkeypatch):
+    """The cold run's speed and guard stand; the warm start's failure is reported beside them."""
+    from sccsdxl import pipeline
+    from sccsdxl.harness import RunConfig
+
+    real = pipeline.make_runner
+
+    def make_runner(*args, optimizations="", **kwargs):  # build uncompiled: the warm start is what is tested
+        return real(*args, optimizations="", **kwargs)
+
+    def warm_start_fails(*args, **kwargs):
+        raise RuntimeError("warm-start measurement of 'fp32:compile' failed: AssertionError: simulated")
+
+    monkeypatch.setattr(pipeline, "make_runner", make_runner)
+    monkeypatch.setattr(quant, "warm_start_seconds", warm_start_fails)
+    base = RunConfig(variant="base", model_source="tiny", dtype="fp32", device="cpu", batch_size=25,
+                     output_dir=str(tmp_path), warmup_batches=0)
+    rows = quant.evaluate_configs(base, ["fp32:compile"], guard_samples=1, show_progress=False, warm_start=True)
+    assert rows[0]["status"] == "ok" and rows[0]["samples_per_second"] > 0 and rows[0]["verdict"] != "fail"
+    assert "simulated" in rows[0]["warm_start_error"] and "warm_first_call_seconds" not in rows[0]
+    assert "simulated" in quant.results_table(rows).loc["fp32:compile", "error"]

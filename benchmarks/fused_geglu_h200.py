@@ -11,19 +11,9 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
+from gpu_timing import gpu_ms  # noqa: E402
 
 SHAPES = {"1280 level (50 rows x 1024 tokens)": (51200, 10240), "640 level (50 rows x 4096 tokens)": (204800, 5120)}
-
-
-def gpu_ms(fn, reps: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
@@ -34,9 +24,10 @@ for name, (rows, width) in SHAPES.items():
     scales = torch.empty(rows, 1, device="cuda")
     moved = rows * width * 2 + rows * width // 2 + rows * 4
     for config in fused._configs():
-        ms = gpu_ms(lambda: fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs))
+        ms = gpu_ms(lambda: fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs),
+                    reps=20)
         print(f"| {name} | {config.kwargs} num_warps {config.num_warps} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
-    ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden))
+    ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden), reps=20)
     print(f"| {name} | autotuned: {fused._geglu_fp8_rows_kernel.best_config} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
     ms = gpu_ms(lambda: fused.geglu_fp8_rows_reference(hidden), reps=3)
     print(f"| {name} | unfused torch (eager) | {ms:.3f} | {moved / ms / 1e6:.0f} |")

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gpu_timing import gpu_ms  # noqa: E402
+from kernel_bench import gpu_ms, run_experiment  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -178,17 +178,10 @@ def run_case(name, rows, size, c_in, c_out, k, stride, device, timed: bool) -> s
 
 
 def main() -> None:
-    interpret = "--interpret" in sys.argv
-    device = "cpu" if interpret else "cuda"
-    torch.manual_seed(0)
-    if not interpret:
-        print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}\n")
-    print(f"| shape | Triton {'fp32' if interpret else 'bf16'} rel. error vs cuDNN | fp8 rel. error vs bf16 cuDNN |"
-          + ("" if interpret else " cuDNN bf16 ms (TFLOP/s) | Triton bf16 ms (TFLOP/s) | Triton fp8 ms (TFLOP/s) |"
-                                  " fp8 quantization ms | cuDNN / (fp8 + quantization) | chosen config |"))
-    print("|---|---|---|" + ("" if interpret else "---|---|---|---|---|---|"))
-    for shape in (TINY if interpret else SHAPES):
-        print(run_case(*shape, device=device, timed=not interpret), flush=True)
+    high = "fp32" if "--interpret" in sys.argv else "bf16"
+    run_experiment(run_case, TINY, SHAPES, f"Triton {high} rel. error vs cuDNN | fp8 rel. error vs bf16 cuDNN",
+                   "cuDNN bf16 ms (TFLOP/s) | Triton bf16 ms (TFLOP/s) | Triton fp8 ms (TFLOP/s) | "
+                   "fp8 quantization ms | cuDNN / (fp8 + quantization) | chosen config")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
-from gpu_timing import gpu_ms  # noqa: E402
+from kernel_bench import gpu_ms  # noqa: E402
 
 SHAPES = {"1280 level (50 rows x 1024 tokens)": (51200, 10240), "640 level (50 rows x 4096 tokens)": (204800, 5120)}
 

@@ -1,0 +1,32 @@
+"""Shared by the kernel benchmarks in this directory: GPU timing, and the table loop of the fp8 experiments."""
+import sys
+
+import torch
+
+
+def gpu_ms(fn, reps: int = 10) -> float:
+    """Mean milliseconds per call over ``reps`` calls after one untimed call (compile, autotuning), by CUDA events."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def run_experiment(run_case, tiny: list, shapes: list, checks: str, timings: str) -> None:
+    """One markdown row per shape: on a GPU the real shapes, checked and timed; under ``--interpret`` (Triton's
+    CPU interpreter, which the caller switched on before importing Triton) the tiny shapes, checked only."""
+    import triton
+
+    interpret = "--interpret" in sys.argv
+    torch.manual_seed(0)
+    if not interpret:
+        print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}\n")
+    header = f"| shape | {checks} |" + ("" if interpret else f" {timings} |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for shape in (tiny if interpret else shapes):
+        print(run_case(*shape, device="cpu" if interpret else "cuda", timed=not interpret), flush=True)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ParameterError
-from .record import archive_existing
+from .record import archive_existing, unique_file
 
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
@@ -704,7 +704,8 @@ def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800, log
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        log = _new_log_path(Path(log_dir or base.output_dir), "warm-start")
+        log = unique_file(Path(log_dir or base.output_dir), f"warm-start-{time.strftime('%Y%m%d-%H%M%S')}", ".log",
+                          "a warm-start log")
         log.write_text(f"$ {' '.join(command)}\n\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
         raise RuntimeError(f"warm-start measurement of {spec!r} failed: {failure_line(done.stderr or done.stdout)} "
                            f"(full output: {log})")
@@ -719,16 +720,6 @@ def failure_line(output: str) -> str:
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
     named = [line for line in lines if _EXCEPTION_LINE.match(line)]
     return (named or lines or ["no output"])[-1]
-
-
-def _new_log_path(directory: Path, stem: str) -> Path:
-    """A log file name not used before in ``directory`` (earlier logs are kept)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = directory / f"{stem}-{stamp}.log", 1
-    while path.exists():
-        path, n = directory / f"{stem}-{stamp}-{n}.log", n + 1
-    return path
 
 
 def _first_call_main(argv: list[str] | None = None) -> None:

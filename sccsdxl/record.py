@@ -15,12 +15,23 @@ RECORDS_ARCHIVE = "records"
 
 def unique_dir(root: Path, name: str, what: str, first_suffix: int = 1) -> Path:
     """Create ``root/name`` (or ``name-2``, ``name-3``, ... if taken): a fresh directory, never a reused one."""
+    return _create_unique(root, name, "", what, first_suffix, Path.mkdir)
+
+
+def unique_file(root: Path, name: str, suffix: str, what: str) -> Path:
+    """Create an empty ``root/name<suffix>`` (or ``name-2<suffix>``, ... if taken): never an earlier file."""
+    return _create_unique(root, name, suffix, what, 1, Path.touch)
+
+
+def _create_unique(root: Path, name: str, suffix: str, what: str, first_suffix: int, create) -> Path:
+    """The first of ``name``, ``name-<first_suffix + 1>``, ... that ``create`` (which fails on an existing path)
+    makes; the check and the creation are one step, so two processes never get the same path."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         for n in range(first_suffix, 1000):
-            path = root / (name if n == first_suffix else f"{name}-{n}")
+            path = root / f"{name if n == first_suffix else f'{name}-{n}'}{suffix}"
             try:
-                path.mkdir()
+                create(path, exist_ok=False)
                 return path
             except FileExistsError:
                 continue

@@ -41,3 +41,13 @@ def test_archiving_never_overwrites_an_earlier_archive(tmp_path):
     assert not path.exists() and len(set(kept)) == 3
     assert sorted(p.read_text() for p in kept) == ["first", "second", "third"]
     assert archive_existing(path) is None
+
+
+def test_unique_file_never_returns_an_existing_file(tmp_path):
+    from sccsdxl.record import unique_file
+
+    first = unique_file(tmp_path / "logs", "warm-start-x", ".log", "a log")
+    first.write_text("kept")
+    second = unique_file(tmp_path / "logs", "warm-start-x", ".log", "a log")
+    assert first.name == "warm-start-x.log" and second.name == "warm-start-x-2.log"
+    assert first.read_text() == "kept" and second.read_text() == ""

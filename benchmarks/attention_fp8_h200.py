@@ -25,10 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import gpu_ms, run_experiment  # noqa: E402
+from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error, run_experiment  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)
 LOG2E = 1.4426950408889634
 
 # (name, rows, tokens, heads, head size): the UNet's self-attentions at 50 rows
@@ -104,22 +102,12 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
 def quantize_qkv(qkv: torch.Tensor, heads: int):
     """e4m3 q, k (BH, S, D) and v transposed (BH, D, S), one scale per tensor; returns them and the two scales
     the kernel takes (q and k scales folded with 1/sqrt(D) and log2(e); v's over the probabilities' 448)."""
-    parts = []
-    scales = []
-    for t in split_heads(qkv, heads):
-        scale = (t.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
-        parts.append((t.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
-        scales.append(scale)
-    q, k, v = parts
+    (q, q_scale), (k, k_scale), (v, v_scale) = (quantize_tensor(t) for t in split_heads(qkv, heads))
     b, h, s, d = q.shape
-    qk_scale = scales[0] * scales[1] * (LOG2E / math.sqrt(d))
+    qk_scale = q_scale * k_scale * (LOG2E / math.sqrt(d))
     return (q.reshape(b * h, s, d).contiguous(), k.reshape(b * h, s, d).contiguous(),
             v.transpose(-1, -2).reshape(b * h, d, s).contiguous(), qk_scale.reshape(1),
-            (scales[2] / FP8_MAX).reshape(1))
-
-
-def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
+            (v_scale / FP8_MAX).reshape(1))
 
 
 def run_case(name, rows, tokens, heads, d, device, timed: bool) -> str:

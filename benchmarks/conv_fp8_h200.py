@@ -22,10 +22,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import gpu_ms, run_experiment  # noqa: E402
+from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error, run_experiment  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)
 
 # (name, rows, size, in channels, out channels, kernel, stride): the UNet's 3x3 convolutions at 50 rows
 SHAPES = [
@@ -119,20 +117,10 @@ def conv_nhwc(x: torch.Tensor, w_taps: torch.Tensor, scale: torch.Tensor, bias: 
     return y
 
 
-def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale for the whole activation (dynamic, per tensor)."""
-    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
 def quantize_out_channels(w_taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per output channel of a (C_out, KH, KW, C_in) weight."""
     scale = (w_taps.abs().amax(dim=(1, 2, 3)).float() / FP8_MAX).clamp(min=1e-12)
     return (w_taps.float() / scale[:, None, None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
 def case(rows, size, c_in, c_out, k, stride, device):

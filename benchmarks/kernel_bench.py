@@ -1,7 +1,21 @@
-"""Shared by the kernel benchmarks in this directory: GPU timing, and the table loop of the fp8 experiments."""
+"""Shared by the kernel benchmarks in this directory: GPU timing, per-tensor e4m3 quantization, the error
+measure and the table loop of the fp8 experiments."""
 import sys
 
 import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+
+
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values with one scale for the whole tensor (dynamic, per tensor)."""
+    scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
 def gpu_ms(fn, reps: int = 10) -> float:

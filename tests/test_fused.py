@@ -151,14 +151,14 @@ def test_compiled_fused_feed_forward_matches_eager():
 
 
 WARM_CACHE_SCRIPT = textwrap.dedent("""
-    import importlib, json, sys
+    import json, sys
     import torch
     from torch._dynamo.utils import counters
     from diffusers.models.attention import FeedForward
+    from sccsdxl import fused
     from sccsdxl.quant import use_compile_cache
 
     use_compile_cache(sys.argv[1])
-    fused = importlib.import_module(sys.argv[2] if len(sys.argv) > 2 else "sccsdxl.fused")
     torch.manual_seed(0)
     module = fused.Fp8GegluFeedForward(FeedForward(640, activation_fn="geglu").to(torch.bfloat16).cuda().eval())
     x = torch.randn(2, 256, 640, device="cuda", dtype=torch.bfloat16)

@@ -250,7 +250,7 @@ def own_inductor_settings():
     tuning for the whole process, which must not carry over to the next configuration measured."""
     import torch._inductor.config as inductor
 
-    saved = inductor.shallow_copy_dict()
+    saved = inductor.get_config_copy()
     try:
         yield
     finally:
@@ -267,6 +267,24 @@ def use_compile_cache(cache_dir: str | Path | None) -> str | None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return str(path)
+
+
+def configure_inductor(opts: Optimizations, cache_dir: str | Path | None = None) -> dict:
+    """Inductor's process-wide settings for the compiled options; returns them for the run record."""
+    import torch._inductor.config as inductor
+
+    # torchao's quantize_ switches this on for the whole process; on an H200 it made the compiled UNet 3 %
+    # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
+    inductor.coordinate_descent_tuning = opts.autotune
+    # a row of 1280-10240 values is reduced in two passes unless persistent; 1 = build both, time them
+    inductor.triton.multi_kernel = 1 if opts.multi_kernel else 0
+    if opts.multi_kernel:
+        # torch 2.11 + Triton 3.6: a graph loaded from the disk cache fails while it reads the file that remembers
+        # which variant won ("'NoneType' object does not support the context manager protocol"); without that
+        # file each new process times the variants once at its first call, and the cached graph loads
+        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+    return {"coordinate_descent_tuning": opts.autotune, "multi_kernel": opts.multi_kernel,
+            "inductor_cache": use_compile_cache(cache_dir)}
 
 
 def _nchw_input(module, args):
@@ -296,16 +314,7 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.compiles:
-        import torch._inductor.config as inductor
-
-        # torchao's quantize_ switches this on for the whole process; on an H200 it made the compiled UNet 3 %
-        # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
-        inductor.coordinate_descent_tuning = opts.autotune
-        info["coordinate_descent_tuning"] = opts.autotune
-        # a row of 1280-10240 values is reduced in two passes unless persistent; 1 = build both, time them
-        inductor.triton.multi_kernel = 1 if opts.multi_kernel else 0
-        info["multi_kernel"] = opts.multi_kernel
-        info["inductor_cache"] = use_compile_cache(cache_dir)
+        info.update(configure_inductor(opts, cache_dir))
     if opts.compile:
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,
                                                    opts.compile_transformers)

@@ -36,3 +36,25 @@ def test_fp8_attention_matches_scaled_dot_product_attention():
         assert float(unquantized_error) < 0.01, name  # online softmax and masking
         assert float(fp8_error) < 0.1, name  # e4m3 q, k, v and probabilities
         assert float(layouts_differ) == 0, name  # v transposed or not: the same numbers
+
+
+def test_cudnn_fp8_attentions_layout_and_scales():
+    """attention_cudnn_fp8_h200.py hands cuDNN strided views of the quantized fused projection: the views must be
+    the q, k, v that diffusers splits off, and the quantization must round-trip with one scale per third."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import attention_cudnn_fp8_h200 as experiment
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    batch, tokens, heads, d = 2, 6, 3, 4
+    qkv = torch.randn(batch, tokens, 3 * heads * d)
+    qkv[..., heads * d:2 * heads * d] *= 10  # k ten times wider than q and v: its own scale
+    for got, third in zip(experiment.views(qkv, heads), qkv.chunk(3, dim=-1)):
+        assert torch.equal(got, third.reshape(batch, tokens, heads, d).transpose(1, 2))
+    fp8, descale = experiment.quantize_thirds(qkv)
+    assert fp8.dtype == torch.float8_e4m3fn and fp8.shape == qkv.shape
+    assert descale[1] > 5 * descale[0] and descale[1] > 5 * descale[2]
+    restored = torch.cat([third.float() * s for third, s in zip(fp8.chunk(3, dim=-1), descale)], dim=-1)
+    assert float((restored - qkv).norm() / qkv.norm()) < 0.05
+    assert torch.allclose(experiment.dequantize_output(fp8[..., :heads * d], descale[2]).float(),
+                          fp8[..., :heads * d].float() * descale[2], rtol=1e-2)

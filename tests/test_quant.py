@@ -1,5 +1,12 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
+import torch
 
 from sccsdxl import quant
 from sccsdxl.errors import ParameterError
@@ -113,9 +120,54 @@ def test_multi_kernel_is_the_configurations_choice(options, multi, tiny_runner):
 
     with quant.own_inductor_settings():
         inductor.triton.multi_kernel = 1 - multi  # what an earlier configuration left behind
-        runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
+        saved = os.environ.pop(NO_PICK_CACHE, None)
+        try:
+            runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
+            # the warm-start fix: without it a new process cannot load a cached graph holding a multi-kernel
+            assert (os.environ.get(NO_PICK_CACHE) == "1") is bool(multi)
+        finally:
+            os.environ.pop(NO_PICK_CACHE, None)
+            if saved is not None:
+                os.environ[NO_PICK_CACHE] = saved
         assert inductor.triton.multi_kernel == multi and runner.info["multi_kernel"] is bool(multi)
     assert inductor.triton.multi_kernel == 0
+
+
+NO_PICK_CACHE = "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"
+
+MULTI_KERNEL_WARM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+    from sccsdxl import quant
+
+    quant.configure_inductor(quant.parse_optimizations("compile,multi_kernel"), sys.argv[1])
+    torch.manual_seed(0)
+    x = torch.randn(8, 1024, 1280, device="cuda", dtype=torch.bfloat16)  # LayerNorm rows as in the UNet's blocks
+    fn = torch.compile(lambda t: F.layer_norm(t, (1280,)).abs().amax(dim=-1, keepdim=True) * t, fullgraph=True)
+    with torch.no_grad():
+        out = fn(x)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    print(json.dumps({"sum": float(out.float().sum()), "cache_hits": hits}))
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor builds multi-kernels for GPUs (run on the H200)")
+def test_a_compiled_multi_kernel_starts_warm_from_the_disk_cache_in_a_new_process(tmp_path):
+    """04's warm start with multi_kernel: on torch 2.11 the second process failed while loading the cached graph."""
+    env = {k: v for k, v in os.environ.items() if k != NO_PICK_CACHE}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", MULTI_KERNEL_WARM_SCRIPT, str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cached_code = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.py"))
+    assert "async_compile.multi_kernel(" in cached_code  # the graph really holds a multi-kernel
+    assert runs[1]["cache_hits"] > 0
+    assert runs[1]["sum"] == pytest.approx(runs[0]["sum"], rel=1e-3)
 
 
 def test_guard_fails_a_broken_configuration(reference_images):

@@ -21,18 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import FP8, FP8_MAX, gpu_ms, relative_error
-
-SHAPES = [("1280 level: 32x32 tokens, 20 heads", 50, 1024, 20, 64),
-          ("640 level: 64x64 tokens, 10 heads", 50, 4096, 10, 64)]
-
-
-def views(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
-    """Q, K, V as (batch, heads, tokens, head size) strided views of the fused projection's (batch, tokens, 3*width)."""
-    batch, tokens, width3 = qkv.shape
-    d = width3 // 3 // heads
-    return [t.transpose(1, 2) for t in qkv.view(batch, tokens, 3, heads, d).unbind(2)]
-
+from kernel_bench import FP8, FP8_MAX, SELF_ATTENTION_SHAPES, gpu_ms, relative_error, split_heads
 
 def quantize_thirds(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 q/k/v in the projection's layout, with one descale for each of the three."""
@@ -82,7 +71,7 @@ class Fp8Attention:
                          torch.full((1, 1, 1, 1), FP8_MAX, device="cuda")]
 
     def __call__(self, qkv_fp8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
-        q, k, v = views(qkv_fp8, self.heads)
+        q, k, v = split_heads(qkv_fp8, self.heads)
         out = torch.empty(self.shape, device="cuda", dtype=FP8)
         dq, dk, dv = (descale[i].view(1, 1, 1, 1) for i in range(3))
         values = [dq, dk, dv, *self.s_scales, (1 / dv)]
@@ -95,7 +84,7 @@ class Fp8Attention:
 
 def run_case(name, rows, tokens, heads, d) -> str:
     qkv = torch.randn(rows, tokens, 3 * heads * d, device="cuda", dtype=torch.bfloat16)
-    q, k, v = views(qkv, heads)
+    q, k, v = split_heads(qkv, heads)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         reference = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, tokens, heads * d)
         bf16_ms = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v))
@@ -124,7 +113,7 @@ def main() -> None:
     print("| shape | fp8 rel. error | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | quantize + dequantize ms "
           "| bf16 / (fp8 + around) |")
     print("|---|---|---|---|---|---|")
-    for shape in SHAPES:
+    for shape in SELF_ATTENTION_SHAPES:
         print(run_case(*shape), flush=True)
 
 

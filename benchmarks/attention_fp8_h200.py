@@ -25,13 +25,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error, run_experiment  # noqa: E402
+from kernel_bench import (FP8, FP8_MAX, SELF_ATTENTION_SHAPES, gpu_ms, quantize_tensor, relative_error,  # noqa: E402
+                          run_experiment, split_heads)
 
 LOG2E = 1.4426950408889634
 
-# (name, rows, tokens, heads, head size): the UNet's self-attentions at 50 rows
-SHAPES = [("1280 level: 32x32 tokens, 20 heads", 50, 1024, 20, 64),
-          ("640 level: 64x64 tokens, 10 heads", 50, 4096, 10, 64)]
 TINY = [("tiny, 40 tokens", 2, 40, 2, 64), ("tiny, 130 tokens", 1, 130, 3, 64)]
 
 
@@ -93,12 +91,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: torch
     return out
 
 
-def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused q/k/v projection's (B, S, 3 * H * D) output as three (B, H, S, D) views."""
-    b, s, width = qkv.shape
-    return qkv.view(b, s, 3, heads, width // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def quantize_qkv(qkv: torch.Tensor, heads: int):
     """e4m3 q, k (BH, S, D) and v transposed (BH, D, S), one scale per tensor; returns them and the two scales
     the kernel takes (q and k scales folded with 1/sqrt(D) and log2(e); v's over the probabilities' 448)."""
@@ -152,7 +144,7 @@ def run_case(name, rows, tokens, heads, d, device, timed: bool) -> str:
 
 def main() -> None:
     high = "fp32" if "--interpret" in sys.argv else "bf16"
-    run_experiment(run_case, TINY, SHAPES,
+    run_experiment(run_case, TINY, SELF_ATTENTION_SHAPES,
                    f"Triton {high} rel. error | fp8 rel. error | fp8, v untransposed vs transposed",
                    "cuDNN bf16 ms (TFLOP/s) | Triton bf16 ms (TFLOP/s) | Triton fp8 ms (TFLOP/s) | "
                    "Triton fp8, v untransposed ms (TFLOP/s) | "

@@ -1,11 +1,21 @@
 """Shared by the kernel benchmarks in this directory: GPU timing, per-tensor e4m3 quantization, the error
-measure and the table loop of the fp8 experiments."""
+measure, the table loop of the fp8 experiments and the attention experiments' shapes and head split."""
 import sys
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
+
+# (name, rows, tokens, heads, head size): the UNet's self-attentions at 50 rows (batch 25 with guidance)
+SELF_ATTENTION_SHAPES = [("1280 level: 32x32 tokens, 20 heads", 50, 1024, 20, 64),
+                         ("640 level: 64x64 tokens, 10 heads", 50, 4096, 10, 64)]
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused q/k/v projection's (B, S, 3 * H * D) output as three (B, H, S, D) views (no copies)."""
+    b, s, width = qkv.shape
+    return qkv.view(b, s, 3, heads, width // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

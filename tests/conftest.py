@@ -1,6 +1,10 @@
 """Shared test fixtures: the tiny pipeline (built once per session) and a headless notebook runner."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,22 @@ def run_notebook(tmp_path, ci_params):
     """Execute a notebook with params/ci.yaml (+ overrides); returns (output notebook, output_dir)."""
     return lambda stem, **overrides: execute_notebook(stem, tmp_path, {**ci_params, "output_dir": str(tmp_path / "output"),
                                                                       **overrides})
+
+
+@pytest.fixture
+def cache_in_two_processes(tmp_path):
+    """Run a script twice, each time in a new Python process with ``tmp_path`` (its compile cache) as argument:
+    what 04's warm start does. Returns the JSON each run printed last; ``unset``: environment variables
+    the two processes must not inherit."""
+    def run(script: str, unset: tuple[str, ...] = ()) -> list[dict]:
+        env = {k: v for k, v in os.environ.items() if k not in unset}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+        runs = []
+        for _ in range(2):
+            done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        return runs
+
+    return run

@@ -1,5 +1,4 @@
 """The fused GEGLU + fp8 row quantization (option fused_geglu): its definition on the CPU, its kernel on a GPU."""
-import json
 import os
 import subprocess
 import sys
@@ -170,14 +169,8 @@ WARM_CACHE_SCRIPT = textwrap.dedent("""
 
 
 @gpu
-def test_compiled_fused_feed_forward_starts_warm_from_the_disk_cache_in_a_new_process(tmp_path):
+def test_compiled_fused_feed_forward_starts_warm_from_the_disk_cache_in_a_new_process(cache_in_two_processes):
     """What 04's warm start does: a second process must load the compiled graph holding the kernel from the cache."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", WARM_CACHE_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = cache_in_two_processes(WARM_CACHE_SCRIPT)
     assert runs[1]["cache_hits"] > 0  # the second process loaded the graph, it did not compile it again
     assert runs[1]["sum"] == pytest.approx(runs[0]["sum"], rel=1e-3)

@@ -44,12 +44,13 @@ def test_cudnn_fp8_attentions_layout_and_scales():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import attention_cudnn_fp8_h200 as experiment
+        from kernel_bench import split_heads
     finally:
         sys.path.remove(str(BENCHMARKS))
     batch, tokens, heads, d = 2, 6, 3, 4
     qkv = torch.randn(batch, tokens, 3 * heads * d)
     qkv[..., heads * d:2 * heads * d] *= 10  # k ten times wider than q and v: its own scale
-    for got, third in zip(experiment.views(qkv, heads), qkv.chunk(3, dim=-1)):
+    for got, third in zip(split_heads(qkv, heads), qkv.chunk(3, dim=-1)):
         assert torch.equal(got, third.reshape(batch, tokens, heads, d).transpose(1, 2))
     fp8, descale = experiment.quantize_thirds(qkv)
     assert fp8.dtype == torch.float8_e4m3fn and fp8.shape == qkv.shape

@@ -1,7 +1,4 @@
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -154,16 +151,9 @@ MULTI_KERNEL_WARM_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor builds multi-kernels for GPUs (run on the H200)")
-def test_a_compiled_multi_kernel_starts_warm_from_the_disk_cache_in_a_new_process(tmp_path):
+def test_a_compiled_multi_kernel_starts_warm_from_the_disk_cache_in_a_new_process(cache_in_two_processes, tmp_path):
     """04's warm start with multi_kernel: on torch 2.11 the second process failed while loading the cached graph."""
-    env = {k: v for k, v in os.environ.items() if k != NO_PICK_CACHE}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
-    runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", MULTI_KERNEL_WARM_SCRIPT, str(tmp_path)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = cache_in_two_processes(MULTI_KERNEL_WARM_SCRIPT, unset=(NO_PICK_CACHE,))
     cached_code = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.py"))
     assert "async_compile.multi_kernel(" in cached_code  # the graph really holds a multi-kernel
     assert runs[1]["cache_hits"] > 0

@@ -1,4 +1,6 @@
-"""The feed-forward's GEGLU and the fp8 row scaling of its down projection in one kernel (option fused_geglu).
+"""Triton kernels that quantize a linear's input to fp8 per row in one read, and the modules that use them.
+
+Option fused_geglu: the feed-forward's GEGLU and the fp8 row scaling of its down projection in one kernel.
 
 With every block linear in fp8 (quant_all_linears), inductor fuses GEGLU with torchao's per-row quantization
 of the down projection's input, but as a looped reduction (a first loop over each 5120-wide row for its
@@ -8,6 +10,11 @@ and one scale per row, and the down projection runs as an fp8 matmul through tor
 its weight quantized per row by torchao's own primitives (the same numbers as torchao's fp8 config). On the
 H200 the kernel moves 2.5-2.9 TB/s (one pass, the row held as a 4096 + 1024 head and tail); the UNet forward
 went from 611 to 589 ms with the first, padded version of it.
+
+Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
+kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
+projections (quant_all_linears), inductor's code for that quantization took 26 ms of a 591 ms forward on the
+H200, about 1.1 TB/s.
 """
 from __future__ import annotations
 
@@ -125,6 +132,50 @@ if triton is not None:
         return values, scales
 
 
+if triton is not None:
+    @triton.autotune(configs=[triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)],
+                     key=["n_cols"])
+    @triton.jit
+    def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
+                         ROWS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS whole rows per program (a 1280-wide row is only 2.5 kB), each scaled by its own largest value."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, MIN_SCALE)
+        quantized = tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], quantized, mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+
+    def _launch_rows(kernel, matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
+        """Run ``kernel`` on (rows, n) ``matrix``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
+        n_rows, n_cols = matrix.shape
+        per_program = config.get("ROWS")  # given when run directly, chosen by the autotuning otherwise
+        grid = (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
+        kernel[grid](matrix, values, scales, n_rows, n_cols, matrix.stride(0), values.stride(0),
+                     BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+
+    def run_rows_config(matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, rows: int,
+                        num_warps: int = 4) -> None:
+        """One configuration the row kernel's autotuning chooses from, run directly: for tests and benchmarks."""
+        _launch_rows(_fp8_rows_kernel.fn, matrix, values, scales, ROWS=rows, num_warps=num_warps)
+
+    @triton_op("sccsdxl::fp8_rows", mutates_args=())
+    def _fp8_rows_gpu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.empty(matrix.shape, device=matrix.device, dtype=FP8)
+        scales = torch.empty((matrix.shape[0], 1), device=matrix.device, dtype=torch.float32)
+        _launch_rows(wrap_triton(_fp8_rows_kernel), matrix, values, scales)
+        return values, scales
+
+
+def fp8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) bf16/fp16/fp32 -> (rows, n) fp8 values and (rows, 1) fp32 scales, one scale per row."""
+    if matrix.is_cuda and triton is not None:
+        return _fp8_rows_gpu(matrix.contiguous())
+    return quantize_rows(matrix)
+
+
 def geglu_fp8_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 2n) up-projection output -> (rows, n) fp8 GEGLU values and (rows, 1) fp32 scales."""
     if hidden.is_cuda and triton is not None:
@@ -142,6 +193,28 @@ def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_affine_float8(matrix, scale, FP8), scale
 
 
+class Fp8RowWeight(torch.nn.Module):
+    """A linear's weight quantized per output row, as torchao's fp8 config does, and the fp8 matmul with it."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight, scale = quantize_rows(linear.weight)
+        self.register_buffer("weight", weight)  # (out, in) fp8, row-major: its .t() is what scaled-mm wants
+        self.register_buffer("scale", scale.reshape(1, -1))
+        self.bias = linear.bias
+
+    def matmul(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, in) fp8 activations with their (rows, 1) scales -> (rows, out) in ``dtype``."""
+        from torchao.float8.inference import addmm_float8_unwrapped_inference
+
+        if values.is_cuda:
+            return addmm_float8_unwrapped_inference(values, scales, self.weight.t(), self.scale, output_dtype=dtype,
+                                                    bias=self.bias, use_fast_accum=True)
+        # the same product from the dequantized values (torch's CPU scaled-mm takes per-row scales only lately)
+        return F.linear((values.float() * scales).to(dtype), (self.weight.float() * self.scale.t()).to(dtype),
+                        self.bias)
+
+
 class Fp8GegluFeedForward(torch.nn.Module):
     """Stands in for diffusers' GEGLU FeedForward: up projection as before (torchao quantizes it later), then
     the fused GEGLU + fp8 row quantization, then the down projection as an fp8 matmul."""
@@ -150,23 +223,25 @@ class Fp8GegluFeedForward(torch.nn.Module):
         super().__init__()
         geglu, down = feed_forward.net[0], feed_forward.net[-1]
         self.proj = geglu.proj
-        weight, scale = quantize_rows(down.weight)
-        self.register_buffer("down_weight", weight)  # (out, in) fp8, row-major: its .t() is what scaled-mm wants
-        self.register_buffer("down_scale", scale.reshape(1, -1))
-        self.down_bias = down.bias
+        self.down = Fp8RowWeight(down)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from torchao.float8.inference import addmm_float8_unwrapped_inference
-
         up = self.proj(hidden_states)
-        values, scales = geglu_fp8_rows(up.reshape(-1, up.shape[-1]))
-        if up.is_cuda:
-            out = addmm_float8_unwrapped_inference(values, scales, self.down_weight.t(), self.down_scale,
-                                                   output_dtype=up.dtype, bias=self.down_bias, use_fast_accum=True)
-        else:  # the same product from the dequantized values (torch's CPU scaled-mm takes per-row scales only lately)
-            out = F.linear((values.float() * scales).to(up.dtype),
-                           (self.down_weight.float() * self.down_scale.t()).to(up.dtype), self.down_bias)
+        out = self.down.matmul(*geglu_fp8_rows(up.reshape(-1, up.shape[-1])), up.dtype)
         return out.reshape(*up.shape[:-1], out.shape[-1])
+
+
+class Fp8RowsLinear(torch.nn.Module):
+    """A linear in fp8 whose input is quantized per row by one Triton kernel (fp8_rows), for inputs that no
+    fused producer quantizes: the attention's output, which a cuDNN/flash kernel writes."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = Fp8RowWeight(linear)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.linear.matmul(*fp8_rows(hidden_states.reshape(-1, hidden_states.shape[-1])), hidden_states.dtype)
+        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
 
 
 def is_geglu_feed_forward(module: torch.nn.Module) -> bool:
@@ -183,3 +258,12 @@ def fuse_geglu_feed_forwards(root: torch.nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent_name) if parent_name else root, child, Fp8GegluFeedForward(module))
     return len(targets)
+
+
+def quantize_attention_outputs(root: torch.nn.Module, scope: str) -> int:
+    """Swap the output projection of every diffusers Attention whose name contains ``scope`` for an
+    Fp8RowsLinear; returns how many."""
+    attentions = [m for name, m in root.named_modules() if type(m).__name__ == "Attention" and scope in name]
+    for attention in attentions:
+        attention.to_out[0] = Fp8RowsLinear(attention.to_out[0])
+    return len(attentions)

@@ -28,7 +28,7 @@ OPTIONS: dict[str, str] = {
     "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
                             "instead of each transformer block",
     "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
-    "autotune": "with compile: inductor's coordinate-descent tuning of every compiled kernel (a few % faster, "
+    "autotune": "with compile: inductor's coordinate-descent tuning of the UNet's compiled kernels (a few % faster, "
                 "cold compile several minutes longer)",
     "multi_kernel": "with compile: inductor also builds one-pass (persistent) variants of row reductions up to 16k "
                     "wide, such as LayerNorm fused with fp8 row scales, and keeps the faster at the first call",
@@ -40,6 +40,8 @@ OPTIONS: dict[str, str] = {
     "quant_all_linears": "with fp8/int8: quantize every linear of the transformer blocks, not only the wide ones",
     "fused_geglu": "with fp8: each feed-forward's GEGLU and the fp8 row scaling of its down projection run as one "
                    "Triton kernel, and the down projection runs in fp8 (sccsdxl.fused)",
+    "fp8_attn_out": "with fp8: each transformer-block attention's output projection runs in fp8, its input "
+                    "quantized per row by one Triton kernel (sccsdxl.fused)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -67,6 +69,7 @@ class Optimizations:
     int8: bool = False
     quant_all_linears: bool = False
     fused_geglu: bool = False
+    fp8_attn_out: bool = False
     sdpa: str = "auto"
 
     @property
@@ -123,7 +126,7 @@ def supported_options(device: str) -> list[str]:
     if device == "cuda":
         names += ["cuda_graphs", "int8", "quant_all_linears"]
         if fp8_capable(device):
-            names += ["fp8"] + (["fused_geglu"] if _fused_kernel_available() else [])
+            names += ["fp8"] + (["fused_geglu", "fp8_attn_out"] if _fused_kernel_available() else [])
     return names
 
 
@@ -153,10 +156,12 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     for name in ("autotune", "multi_kernel"):
         if getattr(opts, name) and not opts.compiles:
             problems.append(f"{name} changes compiled kernels: add compile or compile_vae")
-    if opts.fused_geglu and not opts.fp8:
-        problems.append("fused_geglu runs the feed-forward's down projection in fp8: add fp8")
-    elif opts.fused_geglu and not _fused_kernel_available():
-        problems.append("fused_geglu is a Triton kernel: it needs an NVIDIA GPU and the triton package")
+    for name, what in (("fused_geglu", "the feed-forward's down projection"),
+                       ("fp8_attn_out", "the attention's output projection")):
+        if getattr(opts, name) and not opts.fp8:
+            problems.append(f"{name} runs {what} in fp8: add fp8")
+        elif getattr(opts, name) and not _fused_kernel_available():
+            problems.append(f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
@@ -221,22 +226,27 @@ def _static_graphs() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
 
 
-def _compile_modules(root, names: set[str], mode: str | None = None) -> int:
-    """Compile every submodule whose class is named in ``names``, each as one full graph; returns how many."""
+def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
+    """Compile every submodule whose class is named in ``names``, each as one full graph with these inductor
+    ``options``; returns how many."""
     _static_graphs()
     count = 0
     for module in root.modules():
         if type(module).__name__ in names:
-            module.compile(fullgraph=True, mode=mode)
+            module.compile(fullgraph=True, options=options or None)
             count += 1
     return count
 
 
-def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False) -> int:
+def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
     names = {"Transformer2DModel" if transformers else "BasicTransformerBlock"}
     names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
-    return _compile_modules(unet, names, "reduce-overhead" if cuda_graphs else None)
+    options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
+    # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the
+    # UNet, where it was measured (the VAE decoder's kernels at batch 50 move gigabytes each)
+    options |= {"coordinate_descent_tuning": True} if autotune else {}
+    return _compile_modules(unet, names, options)
 
 
 def compile_vae_regions(vae) -> int:
@@ -274,8 +284,9 @@ def configure_inductor(opts: Optimizations, cache_dir: str | Path | None = None)
     import torch._inductor.config as inductor
 
     # torchao's quantize_ switches this on for the whole process; on an H200 it made the compiled UNet 3 %
-    # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own
-    inductor.coordinate_descent_tuning = opts.autotune
+    # faster but its cold compile 8 times longer (BENCHMARKS.md), so it is a choice of its own, made per region
+    # (compile_regions)
+    inductor.coordinate_descent_tuning = False
     # a row of 1280-10240 values is reduced in two passes unless persistent; 1 = build both, time them
     inductor.triton.multi_kernel = 1 if opts.multi_kernel else 0
     if opts.multi_kernel:
@@ -311,13 +322,17 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fused import fuse_geglu_feed_forwards
 
         info["fused_feed_forwards"] = fuse_geglu_feed_forwards(pipe.unet)
+    if opts.fp8_attn_out:  # before quantize_ too: the projection it takes over must not be quantized twice
+        from .fused import quantize_attention_outputs
+
+        info["fp8_attention_outputs"] = quantize_attention_outputs(pipe.unet, QUANT_SCOPE)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.compiles:
         info.update(configure_inductor(opts, cache_dir))
     if opts.compile:
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,
-                                                   opts.compile_transformers)
+                                                   opts.compile_transformers, opts.autotune)
     if opts.compile_vae:
         info["compiled_vae_regions"] = compile_vae_regions(pipe.vae)
     info["apply_seconds"] = round(time.perf_counter() - started, 2)

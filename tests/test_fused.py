@@ -1,4 +1,5 @@
-"""The fused GEGLU + fp8 row quantization (option fused_geglu): its definition on the CPU, its kernel on a GPU."""
+"""The fp8 row-quantization kernels (options fused_geglu, fp8_attn_out): their definitions and modules on the CPU,
+the kernels in Triton's CPU interpreter, and on a GPU."""
 import os
 import subprocess
 import sys
@@ -54,24 +55,66 @@ def test_fused_feed_forward_matches_diffusers_feed_forward():
         expected, got = original(x), fast(x)
     assert got.shape == expected.shape and got.dtype == torch.bfloat16
     assert relative_error(got, expected) < 0.05  # fp8 rounding of the activations and the down weight
-    assert fast.down_weight.dtype == torch.float8_e4m3fn and fast.proj is original.net[0].proj
+    assert fast.down.weight.dtype == torch.float8_e4m3fn and fast.proj is original.net[0].proj
 
 
-def test_every_unet_feed_forward_is_swapped_and_the_unet_still_agrees():
-    pipe = build_random_pipeline("tiny", "bf16", "cpu")
-    unet = pipe.unet
-    count = sum(fused.is_geglu_feed_forward(m) for m in unet.modules())
+def tiny_unet_call(unet):
+    """A function that runs the tiny UNet on one fixed input."""
     torch.manual_seed(1)
     sample = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
     text = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     added = {"text_embeds": torch.randn(1, pooled, dtype=torch.bfloat16), "time_ids": torch.rand(1, 6, dtype=torch.bfloat16)}
-    with torch.no_grad():
-        before = unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
-        assert fused.fuse_geglu_feed_forwards(unet) == count > 0
-        after = unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+    def call():
+        with torch.no_grad():
+            return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    return call
+
+
+def test_every_unet_feed_forward_is_swapped_and_the_unet_still_agrees():
+    unet = build_random_pipeline("tiny", "bf16", "cpu").unet
+    count = sum(fused.is_geglu_feed_forward(m) for m in unet.modules())
+    call = tiny_unet_call(unet)
+    before = call()
+    assert fused.fuse_geglu_feed_forwards(unet) == count > 0
+    after = call()
     assert not any(fused.is_geglu_feed_forward(m) for m in unet.modules())
     assert sum(isinstance(m, fused.Fp8GegluFeedForward) for m in unet.modules()) == count
+    assert relative_error(after, before) < 0.05
+
+
+def test_fp8_rows_on_the_cpu_is_torchaos_per_row_quantization():
+    matrix = torch.randn(6, 40, dtype=torch.bfloat16) * torch.logspace(-2, 2, 6, dtype=torch.bfloat16)[:, None]
+    values, scales = fused.fp8_rows(matrix)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (6, 40) and scales.shape == (6, 1)
+    assert torch.allclose(scales[:, 0], matrix.float().abs().amax(dim=1) / fused.FP8_MAX)
+    error = (values.float() * scales - matrix.float()).abs()
+    assert (error <= matrix.float().abs() / 16 + scales * 2**-6).all()
+
+
+def test_fp8_rows_linear_matches_the_linear():
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    fast = fused.Fp8RowsLinear(linear)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, got = linear(x), fast(x)
+    assert got.shape == expected.shape == (2, 10, 48) and got.dtype == torch.bfloat16
+    assert relative_error(got, expected) < 0.05  # fp8 rounding of the activations and the weight
+    assert fast.linear.weight.dtype == torch.float8_e4m3fn and fast.linear.bias is linear.bias
+
+
+def test_every_block_attention_output_is_swapped_and_the_unet_still_agrees():
+    unet = build_random_pipeline("tiny", "bf16", "cpu").unet
+    in_blocks = [m for name, m in unet.named_modules() if type(m).__name__ == "Attention" and "transformer_blocks." in name]
+    call = tiny_unet_call(unet)
+    before = call()
+    assert fused.quantize_attention_outputs(unet, "transformer_blocks.") == len(in_blocks) > 0
+    after = call()
+    assert all(isinstance(m.to_out[0], fused.Fp8RowsLinear) for m in in_blocks)
+    outside = [m for name, m in unet.named_modules() if type(m).__name__ == "Attention" and m not in in_blocks]
+    assert all(isinstance(m.to_out[0], torch.nn.Linear) for m in outside)
     assert relative_error(after, before) < 0.05
 
 
@@ -97,6 +140,16 @@ INTERPRETED = textwrap.dedent("""
             assert torch.allclose(scales, ref_scales, rtol=1e-5), where
             assert torch.allclose(values, exact / ref_scales, rtol=1e-4, atol=1e-3), where  # every column written
             assert values.abs().amax(dim=1).sub(fused.FP8_MAX).abs().max() < 1e-2, where  # the largest maps to 448
+    for rows, n_cols in ((7, 100), (4, 64)):  # the plain row kernel: a masked tail and a last partial program
+        matrix = (torch.randn(rows, n_cols) * torch.logspace(-1, 1, rows)[:, None]).to(torch.bfloat16)
+        ref_scales = matrix.float().abs().amax(dim=1, keepdim=True) / fused.FP8_MAX
+        for per_program in (1, 2, 4):
+            values = torch.full((rows, n_cols), float("nan"))
+            scales = torch.zeros(rows, 1)
+            fused.run_rows_config(matrix, values, scales, rows=per_program)
+            where = ("rows", n_cols, per_program)
+            assert torch.allclose(scales, ref_scales, rtol=1e-5), where
+            assert torch.allclose(values, matrix.float() / ref_scales, rtol=1e-4, atol=1e-3), where
     print("kernel ok")
 """)
 
@@ -104,8 +157,8 @@ INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(fused.triton is None or fused.available(),
                     reason="needs the triton package; on a GPU the tests below run the compiled kernel itself (older "
                            "Triton interpreters, e.g. with torch 2.11, cannot run it)")
-def test_kernel_in_tritons_cpu_interpreter_reads_the_right_halves_and_columns():
-    """The Triton kernel itself, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
+def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_columns():
+    """The Triton kernels themselves, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
@@ -116,7 +169,8 @@ gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs 
 
 def assert_close_to_reference(values, scales, ref_values, ref_scales):
     assert torch.allclose(scales, ref_scales, rtol=1e-5)
-    # erf differs in the last fp32 bits between Triton and torch: a value on a rounding edge may move one fp8 step
+    # erf and division may differ in the last fp32 bits between Triton and torch: a value on a rounding edge may
+    # move one fp8 step
     differ = values.float() != ref_values.float()
     assert differ.float().mean() < 1e-3
     step = (ref_values.float().abs() / 8).clamp(min=2**-9)
@@ -135,6 +189,35 @@ def test_kernel_matches_the_reference(n_cols):
         scales = torch.empty_like(ref_scales)
         fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs)
         assert_close_to_reference(values, scales, ref_values, ref_scales)
+
+
+@gpu
+@pytest.mark.parametrize("n_cols", [1280, 640, 1000])  # SDXL's two attention widths, and one that is not a power of two
+def test_row_kernel_matches_the_reference(n_cols):
+    torch.manual_seed(5)
+    matrix = (torch.randn(1003, n_cols, device="cuda") * 3).to(torch.bfloat16)
+    ref_values, ref_scales = fused.quantize_rows(matrix)
+    values, scales = fused.fp8_rows(matrix)  # the autotuned choice
+    assert_close_to_reference(values, scales, ref_values, ref_scales)
+    for config in fused._fp8_rows_kernel.configs:  # and every configuration it chooses from
+        values = torch.empty_like(ref_values)
+        scales = torch.empty_like(ref_scales)
+        fused.run_rows_config(matrix, values, scales, rows=config.kwargs["ROWS"], num_warps=config.num_warps)
+        assert_close_to_reference(values, scales, ref_values, ref_scales)
+
+
+@gpu
+def test_compiled_fp8_rows_linear_matches_eager():
+    torch.manual_seed(6)
+    linear = torch.nn.Linear(640, 640).to(torch.bfloat16).cuda()
+    fast = fused.Fp8RowsLinear(linear)
+    x = torch.randn(4, 256, 640, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = fast(x)
+        compiled = torch.compile(fast, fullgraph=True)(x)
+        expected = linear(x)
+    assert relative_error(compiled, eager) < 1e-2
+    assert relative_error(eager, expected) < 0.05
 
 
 @gpu

@@ -51,6 +51,7 @@ def test_configuration_needs_a_dtype():
     ("multi_kernel", "bf16", "multi_kernel changes compiled kernels: add compile"),
     ("quant_all_linears", "bf16", "widens fp8 or int8 quantization"),
     ("fused_geglu", "bf16", "fused_geglu runs the feed-forward's down projection in fp8: add fp8"),
+    ("fp8_attn_out", "bf16", "fp8_attn_out runs the attention's output projection in fp8: add fp8"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -98,15 +99,26 @@ def test_whole_transformers_vae_regions_and_channels_last_build_on_the_cpu(tiny_
     assert seen == [True]  # the UNet's NHWC latents reach the decoder as NCHW
 
 
-@pytest.mark.parametrize("options,tuned", [("compile", False), ("compile,autotune", True)])
-def test_coordinate_descent_tuning_is_the_configurations_choice(options, tuned, tiny_runner):
-    """torchao's quantize_ switches the tuning on for the whole process; a compiled configuration decides it itself."""
+@pytest.mark.parametrize("options,tuned", [("compile,compile_vae", False), ("compile,compile_vae,autotune", True)])
+def test_coordinate_descent_tuning_is_the_configurations_choice_for_the_unet_only(options, tuned, tiny_runner,
+                                                                                   monkeypatch):
+    """torchao's quantize_ switches the tuning on for the whole process; a compiled configuration decides it itself,
+    for the UNet's regions, and the VAE's are compiled without it."""
+    import torch
     import torch._inductor.config as inductor
 
+    compiled = []
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)) or real(self, **kw))
     with quant.own_inductor_settings():
-        inductor.coordinate_descent_tuning = not tuned  # what an earlier quantization (or nothing) left behind
+        inductor.coordinate_descent_tuning = True  # what an earlier quantization left behind
         runner = make_runner("tiny", "fp32", "cpu", optimizations=options, latent=tiny_runner.latent)
-        assert inductor.coordinate_descent_tuning is tuned and runner.info["coordinate_descent_tuning"] is tuned
+        assert inductor.coordinate_descent_tuning is False and runner.info["coordinate_descent_tuning"] is tuned
+    unet = set(runner.pipe.unet.modules())
+    in_unet = [(kw.get("options") or {}).get("coordinate_descent_tuning", False) for m, kw in compiled if m in unet]
+    in_vae = [(kw.get("options") or {}).get("coordinate_descent_tuning", False) for m, kw in compiled if m not in unet]
+    assert len(in_unet) == runner.info["compiled_regions"] and len(in_vae) == runner.info["compiled_vae_regions"] > 0
+    assert set(in_unet) == {tuned} and set(in_vae) == {False}
     assert inductor.coordinate_descent_tuning is False
 
 

@@ -298,6 +298,16 @@ def configure_inductor(opts: Optimizations, cache_dir: str | Path | None = None)
             "inductor_cache": use_compile_cache(cache_dir)}
 
 
+def _new_cuda_graph_step(module, args):
+    """Forward pre-hook: one UNet forward is one step of the CUDA graph trees. Without it, each compiled region's
+    call counts as a new step, which frees the outputs of the regions before it while later regions still read
+    them (the skip connections), and the next region fails ("accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run", on the H200)."""
+    import torch
+
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def _nchw_input(module, args):
     """Forward pre-hook: hand the VAE decoder contiguous (NCHW) latents."""
     return (args[0].contiguous(),) + tuple(args[1:])
@@ -333,6 +343,8 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
     if opts.compile:
         info["compiled_regions"] = compile_regions(pipe.unet, opts.compile_resnets, opts.cuda_graphs,
                                                    opts.compile_transformers, opts.autotune)
+        if opts.cuda_graphs:
+            pipe.unet.register_forward_pre_hook(_new_cuda_graph_step)
     if opts.compile_vae:
         info["compiled_vae_regions"] = compile_vae_regions(pipe.vae)
     info["apply_seconds"] = round(time.perf_counter() - started, 2)

@@ -242,7 +242,9 @@ WARM_CACHE_SCRIPT = textwrap.dedent("""
 
     use_compile_cache(sys.argv[1])
     torch.manual_seed(0)
-    module = fused.Fp8GegluFeedForward(FeedForward(640, activation_fn="geglu").to(torch.bfloat16).cuda().eval())
+    module = torch.nn.Sequential(  # both kernels: the feed-forward's, then the plain row kernel's linear
+        fused.Fp8GegluFeedForward(FeedForward(640, activation_fn="geglu").to(torch.bfloat16).cuda().eval()),
+        fused.Fp8RowsLinear(torch.nn.Linear(640, 640).to(torch.bfloat16).cuda()))
     x = torch.randn(2, 256, 640, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         out = torch.compile(module, fullgraph=True)(x)
@@ -252,8 +254,8 @@ WARM_CACHE_SCRIPT = textwrap.dedent("""
 
 
 @gpu
-def test_compiled_fused_feed_forward_starts_warm_from_the_disk_cache_in_a_new_process(cache_in_two_processes):
-    """What 04's warm start does: a second process must load the compiled graph holding the kernel from the cache."""
+def test_compiled_fused_modules_start_warm_from_the_disk_cache_in_a_new_process(cache_in_two_processes):
+    """What 04's warm start does: a second process must load the compiled graph holding the kernels from the cache."""
     runs = cache_in_two_processes(WARM_CACHE_SCRIPT)
     assert runs[1]["cache_hits"] > 0  # the second process loaded the graph, it did not compile it again
     assert runs[1]["sum"] == pytest.approx(runs[0]["sum"], rel=1e-3)

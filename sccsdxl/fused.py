@@ -14,7 +14,7 @@ went from 611 to 589 ms with the first, padded version of it.
 Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
 projections (quant_all_linears), inductor's code for that quantization took 26 ms of a 591 ms forward on the
-H200, about 1.1 TB/s.
+H200, about 1.1 TB/s; this kernel takes 9 ms, about 3.3 TB/s (BENCHMARKS.md, session 7).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,8 @@ class SDXLRunner:
     sdpa: str = "auto"  # attention backend (sccsdxl.quant.SDPA_BACKENDS)
     pad_to: int = 0  # compiled models: pad short batches to this size so no new graph is compiled mid-run
     exact_sizes: set = field(default_factory=set)  # short batch sizes compiled during warm-up: served unpadded
+    one_thread: bool = False  # CUDA graph trees are per thread: every call must run where the graphs were recorded
+    _thread: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self):
@@ -295,6 +298,13 @@ class SDXLRunner:
 
     def generate(self, prompts: list[str]) -> np.ndarray:
         """(B, H, W, 3) uint8 images, one per prompt, all from the fixed latent."""
+        if self.one_thread:  # warm-up, loadgen's worker and the guard call from different threads
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sccsdxl-cuda-graphs")
+            return self._thread.submit(self._generate_padded, prompts).result()
+        return self._generate_padded(prompts)
+
+    def _generate_padded(self, prompts: list[str]) -> np.ndarray:
         count = len(prompts)
         if 0 < count < self.pad_to and count not in self.exact_sizes:  # extra rows repeat the last prompt, dropped
             return self._generate(list(prompts) + [prompts[-1]] * (self.pad_to - count))[:count]
@@ -333,4 +343,5 @@ def make_runner(source: str = "hf", dtype: str = "fp16", device: str = "auto", m
         latent = latent[:, :, :TINY_LATENT_SIZE, :TINY_LATENT_SIZE].contiguous()
     info = {"source": source, "dtype": dtype, "device": str(pipe.unet.device), "parameters": parameter_counts(pipe),
             "scorable": source in SCORABLE_SOURCES, **applied}
-    return SDXLRunner(pipe=pipe, latent=latent, source=source, dtype=dtype, info=info, sdpa=opts.sdpa)
+    return SDXLRunner(pipe=pipe, latent=latent, source=source, dtype=dtype, info=info, sdpa=opts.sdpa,
+                      one_thread=opts.cuda_graphs)

@@ -155,6 +155,21 @@ def test_cuda_graphs_take_one_unet_forward_as_one_step(monkeypatch):
     assert len(steps) == 2
 
 
+def test_a_cuda_graph_runner_generates_on_one_thread_whoever_calls(tiny_runner, monkeypatch):
+    """Graph trees are per thread; warm-up, loadgen's worker and the guard each call from a thread of their own."""
+    import dataclasses
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = []
+    runner = dataclasses.replace(tiny_runner, one_thread=True)
+    monkeypatch.setattr(runner, "_generate", lambda prompts: threads.append(threading.get_ident()) or prompts)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert list(pool.map(runner.generate, [["a"], ["b"], ["c"]])) == [["a"], ["b"], ["c"]]
+    assert runner.generate(["d"]) == ["d"]
+    assert len(threads) == 4 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
 def unet_call(unet, device: str, dtype):
     """One fixed tiny-UNet forward, as a function."""
     torch.manual_seed(1)

@@ -27,7 +27,8 @@ OPTIONS: dict[str, str] = {
     "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
     "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
                             "instead of each transformer block",
-    "cuda_graphs": "with compile: CUDA graphs for the compiled regions (mode reduce-overhead)",
+    "cuda_graphs": "with compile: CUDA graphs for the UNet's compiled regions (mode reduce-overhead), one UNet "
+                   "forward per graph-tree step, every batch generated on one thread",
     "autotune": "with compile: inductor's coordinate-descent tuning of the UNet's compiled kernels (a few % faster, "
                 "cold compile several minutes longer)",
     "multi_kernel": "with compile: inductor also builds one-pass (persistent) variants of row reductions up to 16k "

@@ -199,6 +199,30 @@ def test_cuda_graphs_over_compiled_regions_replay_and_agree_with_eager(tmp_path)
         assert float((out.float() - eager.float()).norm() / eager.float().norm()) < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
+def test_a_loadgen_run_replays_the_cuda_graphs_recorded_before_it(tmp_path, monkeypatch):
+    """loadgen calls from a worker thread of its own; a runner on the caller's thread would record every graph
+    again there, inside the timed run."""
+    import threading
+
+    from sccsdxl.harness import RunConfig, run_benchmark
+
+    captured = []
+    real = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *args, **kw: captured.append(threading.get_ident()) or real(self, *args, **kw))
+    config = RunConfig(variant="base", model_source="tiny", dtype="bf16", device="cuda", batch_size=10,
+                       output_dir=str(tmp_path), warmup_batches=0, optimizations="compile,compile_resnets,cuda_graphs")
+    runner = make_runner("tiny", "bf16", "cuda", cache_dir=str(tmp_path / "cache"), optimizations=config.optimizations)
+    for _ in range(3):  # the graph trees' warm-up, recording, replay
+        runner.generate(["a photo of a cat"] * config.batch_size)
+    recorded = len(captured)
+    run = run_benchmark(config, modes=("performance",), generator=runner, show_progress=False)
+    assert recorded > 0, "the graph trees recorded nothing before the run"
+    assert len(captured) == recorded, f"{len(captured) - recorded} graphs recorded again during the timed run"
+    assert run.result("performance")["samples_per_second"] > 0
+
+
 NO_PICK_CACHE = "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"
 
 MULTI_KERNEL_WARM_SCRIPT = textwrap.dedent("""

@@ -115,6 +115,11 @@ def test_every_block_attention_output_is_swapped_and_the_unet_still_agrees():
     assert all(isinstance(m.to_out[0], fused.Fp8RowsLinear) for m in in_blocks)
     outside = [m for name, m in unet.named_modules() if type(m).__name__ == "Attention" and m not in in_blocks]
     assert all(isinstance(m.to_out[0], torch.nn.Linear) for m in outside)
+    # what quant_all_linears then hands torchao: the swapped projections are not quantized a second time
+    from sccsdxl.quant import _in_blocks
+
+    assert not any(_in_blocks(m, name) for name, m in unet.named_modules() if ".to_out." in name)
+    assert any(_in_blocks(m, name) for name, m in unet.named_modules())
     assert relative_error(after, before) < 0.05
 
 

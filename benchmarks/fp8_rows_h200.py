@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
-from kernel_bench import gpu_ms  # noqa: E402
+from kernel_bench import bandwidth_row  # noqa: E402
 
 SHAPES = {"1280 level (50 rows x 1024 tokens)": (51200, 1280), "640 level (50 rows x 4096 tokens)": (204800, 640)}
 
@@ -24,16 +24,14 @@ for name, (rows, width) in SHAPES.items():
     scales = torch.empty(rows, 1, device="cuda")
     moved = rows * width * 3 + rows * 4
     for config in fused._fp8_rows_kernel.configs:
-        ms = gpu_ms(lambda: fused.run_rows_config(matrix, values, scales, rows=config.kwargs["ROWS"],
-                                                  num_warps=config.num_warps), reps=50)
-        print(f"| {name} | kernel, {config.kwargs['ROWS']} rows per program, {config.num_warps} warps | {ms:.3f} "
-              f"| {moved / ms / 1e6:.0f} |")
-    ms = gpu_ms(lambda: fused.fp8_rows(matrix), reps=50)
-    print(f"| {name} | kernel, autotuned: {fused._fp8_rows_kernel.best_config} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
+        label = f"kernel, {config.kwargs['ROWS']} rows per program, {config.num_warps} warps"
+        print(bandwidth_row(name, label, lambda: fused.run_rows_config(
+            matrix, values, scales, rows=config.kwargs["ROWS"], num_warps=config.num_warps), moved, reps=50))
+    print(bandwidth_row(name, lambda: f"kernel, autotuned: {fused._fp8_rows_kernel.best_config}",
+                        lambda: fused.fp8_rows(matrix), moved, reps=50))
     for multi_kernel in (0, 1):
         torch._dynamo.reset()
         with torch._inductor.config.patch({"triton.multi_kernel": multi_kernel}):
             compiled = torch.compile(fused.quantize_rows, fullgraph=True)
-            ms = gpu_ms(lambda: compiled(matrix), reps=50)
-        print(f"| {name} | torchao's primitives, inductor (multi_kernel={multi_kernel}) | {ms:.3f} "
-              f"| {moved / ms / 1e6:.0f} |")
+            print(bandwidth_row(name, f"torchao's primitives, inductor (multi_kernel={multi_kernel})",
+                                lambda: compiled(matrix), moved, reps=50))

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
-from kernel_bench import gpu_ms  # noqa: E402
+from kernel_bench import bandwidth_row  # noqa: E402
 
 SHAPES = {"1280 level (50 rows x 1024 tokens)": (51200, 10240), "640 level (50 rows x 4096 tokens)": (204800, 5120)}
 
@@ -24,10 +24,8 @@ for name, (rows, width) in SHAPES.items():
     scales = torch.empty(rows, 1, device="cuda")
     moved = rows * width * 2 + rows * width // 2 + rows * 4
     for config in fused._configs():
-        ms = gpu_ms(lambda: fused.run_strategy(hidden, values, scales, num_warps=config.num_warps, **config.kwargs),
-                    reps=20)
-        print(f"| {name} | {config.kwargs} num_warps {config.num_warps} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
-    ms = gpu_ms(lambda: fused.geglu_fp8_rows(hidden), reps=20)
-    print(f"| {name} | autotuned: {fused._geglu_fp8_rows_kernel.best_config} | {ms:.3f} | {moved / ms / 1e6:.0f} |")
-    ms = gpu_ms(lambda: fused.geglu_fp8_rows_reference(hidden), reps=3)
-    print(f"| {name} | unfused torch (eager) | {ms:.3f} | {moved / ms / 1e6:.0f} |")
+        print(bandwidth_row(name, f"{config.kwargs} num_warps {config.num_warps}", lambda: fused.run_strategy(
+            hidden, values, scales, num_warps=config.num_warps, **config.kwargs), moved, reps=20))
+    print(bandwidth_row(name, lambda: f"autotuned: {fused._geglu_fp8_rows_kernel.best_config}",
+                        lambda: fused.geglu_fp8_rows(hidden), moved, reps=20))
+    print(bandwidth_row(name, "unfused torch (eager)", lambda: fused.geglu_fp8_rows_reference(hidden), moved, reps=3))

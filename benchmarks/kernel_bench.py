@@ -1,5 +1,6 @@
-"""Shared by the kernel benchmarks in this directory: GPU timing, per-tensor e4m3 quantization, the error
-measure, the table loop of the fp8 experiments and the attention experiments' shapes and head split."""
+"""Shared by the kernel benchmarks in this directory: GPU timing, the row kernels' bandwidth rows, per-tensor e4m3
+quantization, the error measure, the table loop of the fp8 experiments and the attention experiments' shapes and
+head split."""
 import sys
 
 import torch
@@ -38,6 +39,13 @@ def gpu_ms(fn, reps: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def bandwidth_row(shape: str, label, fn, moved_bytes: int, reps: int) -> str:
+    """One markdown row of the row-kernel benchmarks: ``fn``'s mean ms and the GB/s its ``moved_bytes`` make.
+    ``label`` may be a function, read after the timing (an autotuned kernel knows its choice only then)."""
+    ms = gpu_ms(fn, reps)
+    return f"| {shape} | {label() if callable(label) else label} | {ms:.3f} | {moved_bytes / ms / 1e6:.0f} |"
 
 
 def run_experiment(run_case, tiny: list, shapes: list, checks: str, timings: str) -> None:

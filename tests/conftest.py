@@ -1,4 +1,5 @@
-"""Shared test fixtures: the tiny pipeline (built once per session) and a headless notebook runner."""
+"""Shared test fixtures: the tiny pipeline (built once per session) and a headless notebook runner; and one
+fixed forward of the tiny UNet."""
 from __future__ import annotations
 
 import json
@@ -63,3 +64,23 @@ def cache_in_two_processes(tmp_path):
         return runs
 
     return run
+
+
+def tiny_unet_call(unet, device: str = "cpu", dtype=None):
+    """One fixed forward of a tiny UNet (2 rows), as a function returning a copy of its output (a CUDA graph
+    replay overwrites the output it returned before)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    torch.manual_seed(1)
+    config = unet.config
+    sample = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
+    text = torch.randn(2, 77, config.cross_attention_dim, device=device, dtype=dtype)
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
+             "time_ids": torch.rand(2, 6, device=device, dtype=dtype)}
+
+    def call():
+        with torch.inference_mode():
+            return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample.clone()
+    return call

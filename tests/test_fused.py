@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from sccsdxl import fused
 from sccsdxl.pipeline import build_random_pipeline
 
+from conftest import tiny_unet_call
+
 
 def feed_forward(dim: int = 64, dtype=torch.bfloat16):
     from diffusers.models.attention import FeedForward
@@ -56,20 +58,6 @@ def test_fused_feed_forward_matches_diffusers_feed_forward():
     assert got.shape == expected.shape and got.dtype == torch.bfloat16
     assert relative_error(got, expected) < 0.05  # fp8 rounding of the activations and the down weight
     assert fast.down.weight.dtype == torch.float8_e4m3fn and fast.proj is original.net[0].proj
-
-
-def tiny_unet_call(unet):
-    """A function that runs the tiny UNet on one fixed input."""
-    torch.manual_seed(1)
-    sample = torch.randn(1, 4, 32, 32, dtype=torch.bfloat16)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(1, pooled, dtype=torch.bfloat16), "time_ids": torch.rand(1, 6, dtype=torch.bfloat16)}
-
-    def call():
-        with torch.no_grad():
-            return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
-    return call
 
 
 def test_every_unet_feed_forward_is_swapped_and_the_unet_still_agrees():

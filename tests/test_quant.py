@@ -9,6 +9,8 @@ from sccsdxl import quant
 from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline, make_runner
 
+from conftest import tiny_unet_call
+
 PROMPTS = ["a red bus", "a bowl of fruit"]
 
 
@@ -149,7 +151,7 @@ def test_cuda_graphs_take_one_unet_forward_as_one_step(monkeypatch):
     monkeypatch.setattr(quant, "compile_regions", lambda *args: 0)  # the hook is what is tested here, not inductor
     pipe = build_random_pipeline("tiny", "fp32", "cpu")
     quant.apply_optimizations(pipe, quant.parse_optimizations("compile,compile_resnets,cuda_graphs"))
-    call = unet_call(pipe.unet, "cpu", torch.float32)
+    call = tiny_unet_call(pipe.unet, "cpu", torch.float32)
     call()
     call()
     assert len(steps) == 2
@@ -170,27 +172,11 @@ def test_a_cuda_graph_runner_generates_on_one_thread_whoever_calls(tiny_runner, 
     assert len(threads) == 4 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
-def unet_call(unet, device: str, dtype):
-    """One fixed tiny-UNet forward, as a function."""
-    torch.manual_seed(1)
-    config = unet.config
-    sample = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
-    text = torch.randn(2, 77, config.cross_attention_dim, device=device, dtype=dtype)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
-             "time_ids": torch.rand(2, 6, device=device, dtype=dtype)}
-
-    def call():
-        with torch.inference_mode():
-            return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample.clone()
-    return call
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the H200)")
 def test_cuda_graphs_over_compiled_regions_replay_and_agree_with_eager(tmp_path):
     """On the H200 the full UNet with cuda_graphs failed at its second region call before the step hook."""
     pipe = build_random_pipeline("tiny", "bf16", "cuda")
-    call = unet_call(pipe.unet, "cuda", torch.bfloat16)
+    call = tiny_unet_call(pipe.unet, "cuda", torch.bfloat16)
     eager = call()
     quant.apply_optimizations(pipe, quant.parse_optimizations("channels_last,compile,compile_resnets,"
                                                               "compile_transformers,cuda_graphs"), tmp_path)

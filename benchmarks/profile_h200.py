@@ -5,8 +5,8 @@ Each configuration is built by `sccsdxl.quant.apply_optimizations` on a fresh sy
 weights) bf16 pipeline, exactly as a run builds it, with dynamo reset and its own inductor cache directory so
 it compiles cold; then its first call (compilation) is timed, then the median of several calls (host clock
 with the GPU drained), then one call under torch.profiler whose GPU time is summed by kernel kind (GEMM
-bf16/fp8, convolution, attention, anything named "norm", other Triton, elementwise). It guides which option
-to build next; throughput figures come only from loadgen runs.
+bf16/fp8, convolution, attention, anything named "norm", other Triton, elementwise), with the top kernels' totals
+and call counts. It guides which option to build next; throughput figures come only from loadgen runs.
 
 Run from the repo root on a GPU node:
   python3 benchmarks/profile_h200.py OUT_DIR ROWS VAE_IMAGES SPEC [SPEC ...]
@@ -57,7 +57,11 @@ def _alarm(signum, frame):
 
 
 def kind_of(name: str) -> str:
+    """Inductor's own kernels (triton_poi/per/red_*) are named by the ops they fused: one named for a convolution
+    and a GroupNorm holds the norm around cuDNN's convolution, not the convolution, so they are kinds of their own."""
     low = name.lower()
+    if low.startswith("triton_"):
+        return "norm" if "norm" in low else "triton fused"
     for kind, needles in KINDS:
         if any(n in low for n in needles):
             return kind
@@ -88,16 +92,18 @@ def profile(fn) -> dict:
         fn()
         sync()
     kernels: dict[str, float] = {}
+    calls: dict[str, int] = {}
     for event in prof.events():
         if DEVICE != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + (event.self_device_time_total or event.time_range.elapsed_us()) / 1000.0
+            calls[event.name] = calls.get(event.name, 0) + 1
     kinds: dict[str, float] = {}
     for name, ms in kernels.items():
         kind = kind_of(name)
         kinds[kind] = kinds.get(kind, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
     return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [[name[:140], round(ms, 3)] for name, ms in top]}
+            "top_kernels": [[name[:140], round(ms, 3), calls[name]] for name, ms in top]}  # name, total ms, calls
 
 
 def unet_call(pipe, rows: int):

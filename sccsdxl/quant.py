@@ -30,7 +30,7 @@ OPTIONS: dict[str, str] = {
     "cuda_graphs": "with compile: CUDA graphs for the UNet's compiled regions (mode reduce-overhead), one UNet "
                    "forward per graph-tree step, every batch generated on one thread",
     "autotune": "with compile: inductor's coordinate-descent tuning of the UNet's compiled kernels (a few % faster, "
-                "cold compile several minutes longer)",
+                "cold compile much longer: over 18 minutes at batch 50 on an H200)",
     "multi_kernel": "with compile: inductor also builds one-pass (persistent) variants of row reductions up to 16k "
                     "wide, such as LayerNorm fused with fp8 row scales, and keeps the faster at the first call",
     "compile_vae": "torch.compile the VAE decoder's ResNet blocks and upsamplers (regional, cached on disk)",

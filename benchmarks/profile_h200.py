@@ -33,6 +33,7 @@ from sccsdxl.quant import apply_optimizations, own_inductor_settings, parse_opti
 
 KINDS = (  # first match wins; names of cuBLAS, CUTLASS, cuDNN, flash and Triton kernels
     ("fused geglu+fp8", ("geglu_fp8",)),  # sccsdxl.fused's kernel (its name has "fp8" in it)
+    ("norm+fp8 rows", ("_layer_norm_fp8_rows_kernel",)),  # sccsdxl.fused's LayerNorm kernel (option fused_norms)
     ("fp8 rows", ("_fp8_rows_kernel",)),  # sccsdxl.fused's plain row kernel (option fp8_attn_out)
     ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
     ("gemm fp8", ("f8", "e4m3", "fp8", "qgemm", "qqtst")),  # nvjet_*_qqtst_*: cuBLAS fp8

@@ -15,8 +15,16 @@ Option fp8_attn_out: each attention's output projection in fp8, its input (the a
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
 projections (quant_all_linears), inductor's code for that quantization took 26 ms of a 591 ms forward on the
 H200, about 1.1 TB/s; this kernel takes 9 ms, about 3.3 TB/s (BENCHMARKS.md, session 7).
+
+Option fused_norms: each transformer block runs as Fp8TransformerBlock, in which every LayerNorm, the residual
+add before it and the fp8 row quantization of the linear after it are one kernel. Inductor's kernels for the
+same work (LayerNorm fused with torchao's quantization) took most of the UNet's 90 ms of norms per forward at
+batch 25 on the H200, and tuning them (autotune) cut the norms by a third at a cold compile of over 18 minutes
+(BENCHMARKS.md, sessions 4 and 8).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +177,97 @@ if triton is not None:
         return values, scales
 
 
+if triton is not None:
+    @triton.autotune(configs=[triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)],
+                     key=["n_cols", "HAS_RESIDUAL"])
+    @triton.jit
+    def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
+                                    n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS whole rows per program: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row.
+        The sum and the normalized row are rounded to the input's dtype on the way, as the unfused ops round them."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        at = rows[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x = (x + tl.load(residual_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(sum_ptr + at, x, mask=mask)
+            x = x.to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        inverse_std = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        normed = centred * inverse_std[:, None] * weight[None, :] + bias[None, :]
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(normed), axis=1) / FP8_MAX, MIN_SCALE)
+        quantized = tl.clamp(normed / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + at, quantized, mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+
+    def _launch_layer_norm(kernel, x, residual, total, weight, bias, eps, values, scales, **config) -> None:
+        """Run ``kernel`` on contiguous (rows, n) ``x`` (+ ``residual``, written to ``total``), writing ``values`` and
+        ``scales``. Without a residual (``residual`` is ``x``), ``total`` is only a placeholder: the kernel neither
+        reads nor writes it, and an output (``values``) stands in, so that no input looks written to."""
+        n_rows, n_cols = x.shape
+        per_program = config.get("ROWS")  # given when run directly, chosen by the autotuning otherwise
+        grid = (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
+        kernel[grid](x, residual, total, weight, bias, values, scales, n_rows, n_cols, eps,
+                     BLOCK=triton.next_power_of_2(n_cols), HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX,
+                     MIN_SCALE=MIN_SCALE, **config)
+
+    def run_layer_norm_config(x: torch.Tensor, residual: torch.Tensor | None, total: torch.Tensor | None,
+                              weight: torch.Tensor, bias: torch.Tensor, eps: float, values: torch.Tensor,
+                              scales: torch.Tensor, rows: int, num_warps: int = 4) -> None:
+        """One configuration of the LayerNorm kernel's autotuning, run directly: for tests and benchmarks."""
+        _launch_layer_norm(_layer_norm_fp8_rows_kernel.fn, x, x if residual is None else residual,
+                           values if total is None else total, weight, bias, eps, values, scales, ROWS=rows,
+                           num_warps=num_warps)
+
+    def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.empty(x.shape, device=x.device, dtype=FP8),
+                torch.empty((x.shape[0], 1), device=x.device, dtype=torch.float32))
+
+    @triton_op("sccsdxl::layer_norm_fp8_rows", mutates_args=())
+    def _layer_norm_fp8_rows_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        values, scales = _fp8_outputs(x)
+        _launch_layer_norm(wrap_triton(_layer_norm_fp8_rows_kernel), x, x, values, weight, bias, eps, values, scales)
+        return values, scales
+
+    @triton_op("sccsdxl::add_layer_norm_fp8_rows", mutates_args=())
+    def _add_layer_norm_fp8_rows_gpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        total = torch.empty_like(x)
+        values, scales = _fp8_outputs(x)
+        _launch_layer_norm(wrap_triton(_layer_norm_fp8_rows_kernel), x, residual, total, weight, bias, eps, values,
+                           scales)
+        return total, values, scales
+
+
+def layer_norm_fp8_rows_reference(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm, then torchao's per-row fp8 quantization of its output: the unfused definition."""
+    return quantize_rows(norm(x))
+
+
+def layer_norm_fp8_rows(x: torch.Tensor, norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) -> ``norm``(x) as (rows, n) fp8 values and (rows, 1) fp32 scales, one kernel on a GPU."""
+    if x.is_cuda and triton is not None:
+        return _layer_norm_fp8_rows_gpu(x.contiguous(), norm.weight, norm.bias, norm.eps)
+    return layer_norm_fp8_rows_reference(x, norm)
+
+
+def add_layer_norm_fp8_rows(x: torch.Tensor, residual: torch.Tensor,
+                            norm: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, n) x + residual, and ``norm`` of that sum as fp8 values with one fp32 scale per row."""
+    if x.is_cuda and triton is not None:
+        return _add_layer_norm_fp8_rows_gpu(x.contiguous(), residual.contiguous(), norm.weight, norm.bias, norm.eps)
+    total = x + residual
+    return (total, *layer_norm_fp8_rows_reference(total, norm))
+
+
 def fp8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, n) bf16/fp16/fp32 -> (rows, n) fp8 values and (rows, 1) fp32 scales, one scale per row."""
     if matrix.is_cuda and triton is not None:
@@ -242,6 +341,97 @@ class Fp8RowsLinear(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.linear.matmul(*fp8_rows(hidden_states.reshape(-1, hidden_states.shape[-1])), hidden_states.dtype)
         return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+
+
+def _row_weight(linear: torch.nn.Module) -> Fp8RowWeight:
+    """The fp8 weight of a linear, or the one an earlier swap (fp8_attn_out) already made."""
+    return linear.linear if isinstance(linear, Fp8RowsLinear) else Fp8RowWeight(linear)
+
+
+def _split_heads(projected: torch.Tensor, batch: int, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(batch * tokens, parts * width) projections -> ``parts`` (batch, heads, tokens, head size) views, in the
+    order diffusers' fused q/k/v and k/v projections concatenate them."""
+    head_size = projected.shape[-1] // parts // heads
+    return projected.view(batch, -1, parts, heads, head_size).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(attended: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, head size) -> (batch * tokens, heads * head size)."""
+    batch, heads, tokens, head_size = attended.shape
+    return attended.transpose(1, 2).reshape(batch * tokens, heads * head_size)
+
+
+def _plain_attention(attention: torch.nn.Module) -> bool:
+    """A diffusers Attention whose processor does nothing beyond projections, SDPA and the output projection."""
+    return (attention.spatial_norm is None and attention.group_norm is None and attention.norm_q is None
+            and attention.norm_k is None and attention.norm_cross is None and not attention.residual_connection
+            and attention.rescale_output_factor == 1.0
+            and math.isclose(attention.scale, (attention.inner_dim // attention.heads) ** -0.5)  # SDPA's own scale
+            and type(attention.processor).__name__ in ("FusedAttnProcessor2_0", "AttnProcessor2_0"))
+
+
+def can_fuse_block(block: torch.nn.Module) -> bool:
+    """A BasicTransformerBlock as SDXL builds it, after fuse_qkv: LayerNorms with weights and biases, fused q/k/v
+    self-attention, cross-attention with fused k/v, a GEGLU feed-forward (or its fused_geglu form)."""
+    if type(block).__name__ != "BasicTransformerBlock" or block.norm_type != "layer_norm":
+        return False
+    if block.pos_embed is not None or block.only_cross_attention or block._chunk_size is not None or block.attn2 is None:
+        return False
+    norms = (block.norm1, block.norm2, block.norm3)
+    if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms):
+        return False
+    attn1, attn2 = block.attn1, block.attn2
+    return (hasattr(attn1, "to_qkv") and hasattr(attn2, "to_kv") and _plain_attention(attn1) and _plain_attention(attn2)
+            and (isinstance(block.ff, Fp8GegluFeedForward) or is_geglu_feed_forward(block.ff)))
+
+
+class Fp8TransformerBlock(torch.nn.Module):
+    """Stands in for a BasicTransformerBlock that can_fuse_block accepts, computing the same: every LayerNorm runs
+    with the residual add before it and the fp8 row quantization of the linear after it in one kernel, every
+    linear in fp8 (weights per row, as torchao's fp8 config) but the cross-attention's key/value projection of the
+    77 text tokens, which stays the module it was (quantize_ may take it later, with quant_all_linears)."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = block.norm1, block.norm2, block.norm3
+        attn1, attn2 = block.attn1, block.attn2
+        self.heads1, self.heads2 = attn1.heads, attn2.heads
+        self.qkv, self.out1 = Fp8RowWeight(attn1.to_qkv), _row_weight(attn1.to_out[0])
+        self.q2, self.kv2, self.out2 = Fp8RowWeight(attn2.to_q), attn2.to_kv, _row_weight(attn2.to_out[0])
+        ff = block.ff
+        if isinstance(ff, Fp8GegluFeedForward):
+            self.up, self.down = Fp8RowWeight(ff.proj), ff.down
+        else:
+            self.up, self.down = Fp8RowWeight(ff.net[0].proj), Fp8RowWeight(ff.net[-1])
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        if attention_mask is not None or encoder_attention_mask is not None:
+            raise ValueError("fused_norms builds SDXL's transformer blocks, which run without attention masks")
+        batch, tokens, width = hidden_states.shape
+        dtype = hidden_states.dtype
+        x = hidden_states.reshape(batch * tokens, width)
+        qkv = self.qkv.matmul(*layer_norm_fp8_rows(x, self.norm1), dtype)
+        attended = _merge_heads(F.scaled_dot_product_attention(*_split_heads(qkv, batch, 3, self.heads1)))
+        x, values, scales = add_layer_norm_fp8_rows(self.out1.matmul(*fp8_rows(attended), dtype), x, self.norm2)
+        (query,) = _split_heads(self.q2.matmul(values, scales, dtype), batch, 1, self.heads2)
+        key, value = _split_heads(self.kv2(encoder_hidden_states), batch, 2, self.heads2)
+        attended = _merge_heads(F.scaled_dot_product_attention(query, key, value))
+        x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(*fp8_rows(attended), dtype), x, self.norm3)
+        up = self.up.matmul(values, scales, dtype)
+        x = x + self.down.matmul(*geglu_fp8_rows(up), dtype)
+        return x.view(batch, tokens, width)
+
+
+def fuse_transformer_blocks(root: torch.nn.Module) -> int:
+    """Swap every transformer block under ``root`` that can_fuse_block accepts for an Fp8TransformerBlock; returns
+    how many."""
+    targets = [(name, module) for name, module in root.named_modules() if can_fuse_block(module)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, Fp8TransformerBlock(module))
+    return len(targets)
 
 
 def is_geglu_feed_forward(module: torch.nn.Module) -> bool:

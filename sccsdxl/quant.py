@@ -43,6 +43,9 @@ OPTIONS: dict[str, str] = {
                    "Triton kernel, and the down projection runs in fp8 (sccsdxl.fused)",
     "fp8_attn_out": "with fp8: each transformer-block attention's output projection runs in fp8, its input "
                     "quantized per row by one Triton kernel (sccsdxl.fused)",
+    "fused_norms": "with fp8 and fuse_qkv: each transformer block's LayerNorms run in one Triton kernel each with "
+                   "the residual add before them and the fp8 row quantization of the linear after them; every block "
+                   "linear but the text key/value projection in fp8 (sccsdxl.fused)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -71,6 +74,7 @@ class Optimizations:
     quant_all_linears: bool = False
     fused_geglu: bool = False
     fp8_attn_out: bool = False
+    fused_norms: bool = False
     sdpa: str = "auto"
 
     @property
@@ -127,7 +131,7 @@ def supported_options(device: str) -> list[str]:
     if device == "cuda":
         names += ["cuda_graphs", "int8", "quant_all_linears"]
         if fp8_capable(device):
-            names += ["fp8"] + (["fused_geglu", "fp8_attn_out"] if _fused_kernel_available() else [])
+            names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if _fused_kernel_available() else [])
     return names
 
 
@@ -158,11 +162,14 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         if getattr(opts, name) and not opts.compiles:
             problems.append(f"{name} changes compiled kernels: add compile or compile_vae")
     for name, what in (("fused_geglu", "the feed-forward's down projection"),
-                       ("fp8_attn_out", "the attention's output projection")):
+                       ("fp8_attn_out", "the attention's output projection"),
+                       ("fused_norms", "every transformer-block linear after a LayerNorm")):
         if getattr(opts, name) and not opts.fp8:
             problems.append(f"{name} runs {what} in fp8: add fp8")
         elif getattr(opts, name) and not _fused_kernel_available():
             problems.append(f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package")
+    if opts.fused_norms and not opts.fuse_qkv:
+        problems.append("fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
@@ -241,7 +248,7 @@ def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
 
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
-    names = {"Transformer2DModel" if transformers else "BasicTransformerBlock"}
+    names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerBlock"}
     names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
     # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the
@@ -337,6 +344,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fused import quantize_attention_outputs
 
         info["fp8_attention_outputs"] = quantize_attention_outputs(pipe.unet, QUANT_SCOPE)
+    if opts.fused_norms:  # after those two (it takes over their fp8 weights), before quantize_ (same reason)
+        from .fused import fuse_transformer_blocks
+
+        info["fused_blocks"] = fuse_transformer_blocks(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.compiles:

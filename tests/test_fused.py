@@ -1,5 +1,6 @@
-"""The fp8 row-quantization kernels (options fused_geglu, fp8_attn_out): their definitions and modules on the CPU,
+"""The fp8 row-quantization kernels (options fused_geglu, fp8_attn_out, fused_norms): their definitions and modules on the CPU,
 the kernels in Triton's CPU interpreter, and on a GPU."""
+import copy
 import os
 import subprocess
 import sys
@@ -111,6 +112,98 @@ def test_every_block_attention_output_is_swapped_and_the_unet_still_agrees():
     assert relative_error(after, before) < 0.05
 
 
+def sdxl_block(width: int = 64, heads: int = 4, text_width: int = 96, device: str = "cpu"):
+    """A BasicTransformerBlock as SDXL builds it (LayerNorms, self- then cross-attention, GEGLU), q/k/v fused."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    torch.manual_seed(7)
+    block = BasicTransformerBlock(width, heads, width // heads, cross_attention_dim=text_width, activation_fn="geglu",
+                                  norm_type="layer_norm")
+    with torch.no_grad():  # LayerNorms that are not the identity, so that their weights and biases count
+        for norm in (block.norm1, block.norm2, block.norm3):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+    for attention in (block.attn1, block.attn2):  # what the pipeline's fuse_qkv_projections does to each
+        attention.fuse_projections()
+        attention.set_processor(FusedAttnProcessor2_0())
+    return block.to(device, torch.bfloat16).eval()
+
+
+def unfused_fp8_block(block):
+    """The same block with every linear that Fp8TransformerBlock runs in fp8 swapped one by one, each quantizing its
+    own input: what quant_all_linears, fused_geglu and fp8_attn_out compute without the fused norms."""
+    block = copy.deepcopy(block)
+    for attention, name in ((block.attn1, "to_qkv"), (block.attn2, "to_q")):
+        setattr(attention, name, fused.Fp8RowsLinear(getattr(attention, name)))
+        attention.to_out[0] = fused.Fp8RowsLinear(attention.to_out[0])
+    block.ff = fused.Fp8GegluFeedForward(block.ff)
+    block.ff.proj = fused.Fp8RowsLinear(block.ff.proj)
+    return block
+
+
+def block_inputs(block, tokens: int = 16, device: str = "cpu"):
+    torch.manual_seed(8)
+    return (torch.randn(2, tokens, block.norm1.normalized_shape[0], device=device, dtype=torch.bfloat16),
+            torch.randn(2, 77, block.attn2.to_kv.in_features, device=device, dtype=torch.bfloat16))
+
+
+def test_layer_norm_rows_on_the_cpu_are_the_sum_then_layer_norm_then_torchaos_quantization():
+    norm = sdxl_block().norm2
+    x, residual = (torch.randn(5, 64, dtype=torch.bfloat16) for _ in range(2))
+    total, values, scales = fused.add_layer_norm_fp8_rows(x, residual, norm)
+    assert torch.equal(total, x + residual)
+    with torch.no_grad():
+        ref_values, ref_scales = fused.quantize_rows(norm(total))
+    assert torch.equal(values.float(), ref_values.float()) and torch.equal(scales, ref_scales)
+    values, scales = fused.layer_norm_fp8_rows(x, norm)
+    with torch.no_grad():
+        assert torch.equal(values.float(), fused.quantize_rows(norm(x))[0].float())
+
+
+def test_fused_block_computes_what_the_unfused_fp8_block_computes():
+    block = sdxl_block()
+    assert fused.can_fuse_block(block)
+    fast, slow = fused.Fp8TransformerBlock(copy.deepcopy(block)), unfused_fp8_block(block)
+    x, text = block_inputs(block)
+    with torch.inference_mode():
+        got, unfused, exact = (m(x, encoder_hidden_states=text) for m in (fast, slow, block))
+    assert got.shape == exact.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got, unfused)  # the same quantization, the same order of operations: the same bits on the CPU
+    assert relative_error(got, exact) < 0.05  # fp8 rounding of every linear
+
+
+def test_every_sdxl_block_of_the_unet_is_swapped_and_the_unet_still_agrees():
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    pipe.fuse_qkv_projections()
+    unet = pipe.unet
+    count = sum(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    call = tiny_unet_call(unet)
+    before = call()
+    fused.fuse_geglu_feed_forwards(unet)  # an earlier swap's fp8 weights are taken over, not quantized again
+    down = next(m for m in unet.modules() if isinstance(m, fused.Fp8GegluFeedForward)).down
+    assert fused.fuse_transformer_blocks(unet) == count > 0
+    after = call()
+    assert not any(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    assert any(m.down is down for m in unet.modules() if isinstance(m, fused.Fp8TransformerBlock))
+    assert relative_error(after, before) < 0.05
+
+
+def test_blocks_unlike_sdxls_are_left_as_they_are():
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")  # without fuse_qkv: no fused q/k/v projection to feed
+    assert fused.fuse_transformer_blocks(pipe.unet) == 0
+    block = sdxl_block()
+    block.norm_type = "ada_norm"
+    assert not fused.can_fuse_block(block)
+
+
+def test_a_fused_block_refuses_attention_masks_with_a_message():
+    block = sdxl_block()
+    x, text = block_inputs(block)
+    with pytest.raises(ValueError, match="without attention masks"):
+        fused.Fp8TransformerBlock(block)(x, encoder_hidden_states=text, encoder_attention_mask=torch.ones(2, 77))
+
+
 INTERPRETED = textwrap.dedent("""
     import torch
     from sccsdxl import fused
@@ -143,6 +236,30 @@ INTERPRETED = textwrap.dedent("""
             where = ("rows", n_cols, per_program)
             assert torch.allclose(scales, ref_scales, rtol=1e-5), where
             assert torch.allclose(values, matrix.float() / ref_scales, rtol=1e-4, atol=1e-3), where
+    # the LayerNorm kernel; the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest), so each bf16
+    # result is checked to one bf16 step
+    step = 2**-7
+    for rows, n_cols in ((7, 100), (4, 64)):  # a masked tail and a last partial program
+        norm = torch.nn.LayerNorm(n_cols).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(n_cols) + 0.5)
+            norm.bias.copy_(torch.randn(n_cols) * 0.1)
+        x = (torch.randn(rows, n_cols) * torch.logspace(-1, 1, rows)[:, None]).to(torch.bfloat16)
+        residual = torch.randn(rows, n_cols).to(torch.bfloat16)
+        for with_residual in (False, True):
+            for per_program in (1, 2, 4):
+                values, scales = torch.full((rows, n_cols), float("nan")), torch.zeros(rows, 1)
+                total = torch.full((rows, n_cols), float("nan"), dtype=torch.bfloat16) if with_residual else None
+                fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
+                                            norm.eps, values, scales, rows=per_program)
+                where = ("layer norm", n_cols, with_residual, per_program)
+                if with_residual:
+                    exact = x.float() + residual.float()
+                    assert ((total.float() - exact).abs() <= exact.abs() * step).all(), where
+                with torch.no_grad():
+                    normed = norm(total if with_residual else x).float()
+                assert torch.allclose(scales, normed.abs().amax(dim=1, keepdim=True) / fused.FP8_MAX, rtol=step), where
+                assert ((values * scales - normed).abs() <= normed.abs() * step + 1e-6).all(), where
     print("kernel ok")
 """)
 
@@ -225,22 +342,69 @@ def test_compiled_fused_feed_forward_matches_eager():
     assert relative_error(eager, expected) < 0.05
 
 
+@gpu
+@pytest.mark.parametrize("n_cols", [1280, 640, 1000])  # SDXL's two block widths, and one that is not a power of two
+def test_layer_norm_kernel_matches_the_reference(n_cols):
+    torch.manual_seed(9)
+    norm = torch.nn.LayerNorm(n_cols).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.1)
+    x, residual = ((torch.randn(1003, n_cols, device="cuda") * 3).to(torch.bfloat16) for _ in range(2))
+    total, values, scales = fused.add_layer_norm_fp8_rows(x, residual, norm)  # the autotuned choice
+    assert torch.equal(total, x + residual)
+    with torch.no_grad():
+        ref_values, ref_scales = fused.quantize_rows(norm(total))
+        plain_values, plain_scales = fused.quantize_rows(norm(x))
+    assert_close_to_reference(values, scales, ref_values, ref_scales)
+    assert_close_to_reference(*fused.layer_norm_fp8_rows(x, norm), plain_values, plain_scales)
+    for config in fused._layer_norm_fp8_rows_kernel.configs:  # and every configuration it chooses from
+        for with_residual, reference in ((True, (ref_values, ref_scales)), (False, (plain_values, plain_scales))):
+            values, scales = torch.empty_like(ref_values), torch.empty_like(ref_scales)
+            fused.run_layer_norm_config(x, residual if with_residual else None, torch.empty_like(x), norm.weight,
+                                        norm.bias, norm.eps, values, scales, rows=config.kwargs["ROWS"],
+                                        num_warps=config.num_warps)
+            assert_close_to_reference(values, scales, *reference)
+
+
+@gpu
+def test_compiled_fused_block_matches_eager_and_the_unfused_fp8_block():
+    block = sdxl_block(640, 10, 2048, device="cuda")  # the UNet's 640-wide blocks, 64 channels per head
+    fast, slow = fused.Fp8TransformerBlock(copy.deepcopy(block)), unfused_fp8_block(block)
+    x, text = block_inputs(block, tokens=1024, device="cuda")
+    with torch.inference_mode():
+        eager = fast(x, encoder_hidden_states=text)
+        compiled = torch.compile(fast, fullgraph=True)(x, encoder_hidden_states=text)
+        unfused = slow(x, encoder_hidden_states=text)
+        exact = block(x, encoder_hidden_states=text)
+    assert relative_error(compiled, eager) < 1e-2
+    assert relative_error(eager, unfused) < 1e-2  # fp32 rounding differs between the kernels and torch's ops
+    assert relative_error(eager, exact) < 0.05
+
+
 WARM_CACHE_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from torch._dynamo.utils import counters
-    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention import BasicTransformerBlock, FeedForward
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
     from sccsdxl import fused
     from sccsdxl.quant import use_compile_cache
 
     use_compile_cache(sys.argv[1])
     torch.manual_seed(0)
-    module = torch.nn.Sequential(  # both kernels: the feed-forward's, then the plain row kernel's linear
+    module = torch.nn.Sequential(  # every kernel: the feed-forward's, then the plain row kernel's linear
         fused.Fp8GegluFeedForward(FeedForward(640, activation_fn="geglu").to(torch.bfloat16).cuda().eval()),
         fused.Fp8RowsLinear(torch.nn.Linear(640, 640).to(torch.bfloat16).cuda()))
+    block = BasicTransformerBlock(640, 10, 64, cross_attention_dim=2048, activation_fn="geglu")  # then the norms'
+    for attention in (block.attn1, block.attn2):
+        attention.fuse_projections()
+        attention.set_processor(FusedAttnProcessor2_0())
+    block = fused.Fp8TransformerBlock(block.to("cuda", torch.bfloat16).eval())
     x = torch.randn(2, 256, 640, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(2, 77, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        out = torch.compile(module, fullgraph=True)(x)
+        out = torch.compile(lambda x, text: block(module(x), encoder_hidden_states=text), fullgraph=True)(x, text)
     hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
     print(json.dumps({"sum": float(out.float().sum()), "cache_hits": hits}))
 """)

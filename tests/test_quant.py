@@ -54,6 +54,8 @@ def test_configuration_needs_a_dtype():
     ("quant_all_linears", "bf16", "widens fp8 or int8 quantization"),
     ("fused_geglu", "bf16", "fused_geglu runs the feed-forward's down projection in fp8: add fp8"),
     ("fp8_attn_out", "bf16", "fp8_attn_out runs the attention's output projection in fp8: add fp8"),
+    ("fused_norms", "bf16", "fused_norms runs every transformer-block linear after a LayerNorm in fp8: add fp8"),
+    ("fused_norms", "bf16", "fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -352,6 +354,23 @@ def test_quantization_takes_only_the_wide_linears_of_the_transformer_blocks():
     assert not quant._quantizable(torch.nn.Conv2d(1280, 5120, 1, device="meta"), block + "conv")
     everything = {name for name, (k, n) in layers.items() if quant._in_blocks(torch.nn.Linear(k, n, device="meta"), name)}
     assert everything == {name for name in layers if "transformer_blocks" in name}  # quant_all_linears
+
+
+def test_regional_compilation_takes_the_fused_blocks_and_they_still_agree(tmp_path, monkeypatch):
+    """fused_norms swaps the blocks that `compile` compiles by class name: they must still be compiled, whole."""
+    from sccsdxl import fused
+
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    pipe.fuse_qkv_projections()
+    unet = pipe.unet
+    blocks = fused.fuse_transformer_blocks(unet)
+    call = tiny_unet_call(unet)
+    eager = call()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with quant.own_inductor_settings():
+        assert quant.compile_regions(unet, resnets=False, cuda_graphs=False) == blocks > 0
+        compiled = call()
+    assert float((compiled.float() - eager.float()).norm() / eager.float().norm()) < 0.05  # fp8 rounding moves
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "math"])

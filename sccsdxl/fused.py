@@ -17,10 +17,11 @@ projections (quant_all_linears), inductor's code for that quantization took 26 m
 H200, about 1.1 TB/s; this kernel takes 9 ms, about 3.3 TB/s (BENCHMARKS.md, session 7).
 
 Option fused_norms: each transformer block runs as Fp8TransformerBlock, in which every LayerNorm, the residual
-add before it and the fp8 row quantization of the linear after it are one kernel. Inductor's kernels for the
-same work (LayerNorm fused with torchao's quantization) took most of the UNet's 90 ms of norms per forward at
-batch 25 on the H200, and tuning them (autotune) cut the norms by a third at a cold compile of over 18 minutes
-(BENCHMARKS.md, sessions 4 and 8).
+add before it and the fp8 row quantization of the linear after it are one kernel. Inductor's kernels for that
+work (LayerNorm fused with torchao's quantization) are part of the UNet's 90 ms of norm kernels per forward at
+batch 25 on the H200 (GroupNorms are the rest); its coordinate-descent tuning (autotune) cut the norms from 79 to
+54 ms in an earlier configuration, at a cold compile that now exceeds 18 minutes (BENCHMARKS.md, sessions 4
+and 8). The kernel reads each row once and writes it once, like the row kernel above.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ projections (quant_all_linears), inductor's code for that quantization took 26 m
 H200, about 1.1 TB/s; this kernel takes 9 ms, about 3.3 TB/s (BENCHMARKS.md, session 7).
 
 Option fused_norms: each transformer block runs as Fp8TransformerBlock, in which every LayerNorm, the residual
-add before it and the fp8 row quantization of the linear after it are one kernel. Inductor's kernels for that
+add before it and the fp8 row quantization of the linear after it are one kernel; a Transformer2DModel's blocks
+run as one Fp8TransformerChain, so that the add closing each block joins the next block's first norm kernel. Inductor's kernels for that
 work (LayerNorm fused with torchao's quantization) are part of the UNet's 90 ms of norm kernels per forward at
 batch 25 on the H200 (GroupNorms are the rest); its coordinate-descent tuning (autotune) cut the norms from 79 to
 54 ms in an earlier configuration, at a cold compile that now exceeds 18 minutes (BENCHMARKS.md, sessions 4
@@ -405,34 +406,67 @@ class Fp8TransformerBlock(torch.nn.Module):
         else:
             self.up, self.down = Fp8RowWeight(ff.net[0].proj), Fp8RowWeight(ff.net[-1])
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
-        if attention_mask is not None or encoder_attention_mask is not None:
-            raise ValueError("fused_norms builds SDXL's transformer blocks, which run without attention masks")
-        batch, tokens, width = hidden_states.shape
-        dtype = hidden_states.dtype
-        x = hidden_states.reshape(batch * tokens, width)
-        qkv = self.qkv.matmul(*layer_norm_fp8_rows(x, self.norm1), dtype)
+    def step(self, x: torch.Tensor, pending: torch.Tensor | None, text: torch.Tensor,
+             batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block on (batch * tokens, width) rows. ``pending`` is the block before's feed-forward output, not yet
+        added to ``x``: its residual add joins this block's first norm kernel. Returns ``x`` and this block's own
+        pending output."""
+        dtype = x.dtype
+        if pending is None:
+            values, scales = layer_norm_fp8_rows(x, self.norm1)
+        else:
+            x, values, scales = add_layer_norm_fp8_rows(pending, x, self.norm1)
+        qkv = self.qkv.matmul(values, scales, dtype)
         attended = _merge_heads(F.scaled_dot_product_attention(*_split_heads(qkv, batch, 3, self.heads1)))
         x, values, scales = add_layer_norm_fp8_rows(self.out1.matmul(*fp8_rows(attended), dtype), x, self.norm2)
         (query,) = _split_heads(self.q2.matmul(values, scales, dtype), batch, 1, self.heads2)
-        key, value = _split_heads(self.kv2(encoder_hidden_states), batch, 2, self.heads2)
+        key, value = _split_heads(self.kv2(text), batch, 2, self.heads2)
         attended = _merge_heads(F.scaled_dot_product_attention(query, key, value))
         x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(*fp8_rows(attended), dtype), x, self.norm3)
         up = self.up.matmul(values, scales, dtype)
-        x = x + self.down.matmul(*geglu_fp8_rows(up), dtype)
-        return x.view(batch, tokens, width)
+        return x, self.down.matmul(*geglu_fp8_rows(up), dtype)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        return _run_chain([self], hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+
+
+class Fp8TransformerChain(torch.nn.Module):
+    """A Transformer2DModel's whole list of Fp8TransformerBlocks, called once in the list's place: each block's last
+    residual add is done by the next block's first norm kernel, so only the chain's last one is a kernel of its own."""
+
+    def __init__(self, blocks: list[Fp8TransformerBlock]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        return _run_chain(self.blocks, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+
+
+def _run_chain(blocks, hidden_states: torch.Tensor, text: torch.Tensor, *masks) -> torch.Tensor:
+    if any(mask is not None for mask in masks):
+        raise ValueError("fused_norms builds SDXL's transformer blocks, which run without attention masks")
+    batch, tokens, width = hidden_states.shape
+    x, pending = hidden_states.reshape(batch * tokens, width), None
+    for block in blocks:
+        x, pending = block.step(x, pending, text, batch)
+    return (x + pending).view(batch, tokens, width)
 
 
 def fuse_transformer_blocks(root: torch.nn.Module) -> int:
-    """Swap every transformer block under ``root`` that can_fuse_block accepts for an Fp8TransformerBlock; returns
-    how many."""
-    targets = [(name, module) for name, module in root.named_modules() if can_fuse_block(module)]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, Fp8TransformerBlock(module))
-    return len(targets)
+    """Replace each list of transformer blocks under ``root`` (a Transformer2DModel's ``transformer_blocks``) whose
+    every block can_fuse_block accepts by one Fp8TransformerChain of Fp8TransformerBlocks; returns how many blocks."""
+    count = 0
+    for module in list(root.modules()):
+        blocks = getattr(module, "transformer_blocks", None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and all(map(can_fuse_block, blocks)):
+            chain = Fp8TransformerChain([Fp8TransformerBlock(block) for block in blocks])
+            module.transformer_blocks = torch.nn.ModuleList([chain])
+            count += len(blocks)
+    return count
 
 
 def is_geglu_feed_forward(module: torch.nn.Module) -> bool:

@@ -248,7 +248,7 @@ def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
 
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
-    names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerBlock"}
+    names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
     names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
     # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the

@@ -173,6 +173,21 @@ def test_fused_block_computes_what_the_unfused_fp8_block_computes():
     assert relative_error(got, exact) < 0.05  # fp8 rounding of every linear
 
 
+def test_a_chain_of_fused_blocks_computes_what_the_unfused_fp8_blocks_compute_in_turn():
+    """The chain hands each block's last residual add to the next block's first norm kernel: the same sums."""
+    blocks = [sdxl_block(), sdxl_block()]
+    with torch.no_grad():
+        blocks[1].norm1.weight.mul_(0.5)  # two blocks that differ
+    chain = fused.Fp8TransformerChain([fused.Fp8TransformerBlock(copy.deepcopy(b)) for b in blocks])
+    x, text = block_inputs(blocks[0])
+    with torch.inference_mode():
+        got = chain(x, encoder_hidden_states=text)
+        unfused = x
+        for block in blocks:
+            unfused = unfused_fp8_block(block)(unfused, encoder_hidden_states=text)
+    assert torch.equal(got, unfused)
+
+
 def test_every_sdxl_block_of_the_unet_is_swapped_and_the_unet_still_agrees():
     pipe = build_random_pipeline("tiny", "bf16", "cpu")
     pipe.fuse_qkv_projections()
@@ -185,6 +200,9 @@ def test_every_sdxl_block_of_the_unet_is_swapped_and_the_unet_still_agrees():
     assert fused.fuse_transformer_blocks(unet) == count > 0
     after = call()
     assert not any(type(m).__name__ == "BasicTransformerBlock" for m in unet.modules())
+    transformers = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    assert all(len(t.transformer_blocks) == 1 and isinstance(t.transformer_blocks[0], fused.Fp8TransformerChain)
+               for t in transformers)  # each model's blocks run as one chain
     assert any(m.down is down for m in unet.modules() if isinstance(m, fused.Fp8TransformerBlock))
     assert relative_error(after, before) < 0.05
 
@@ -368,15 +386,17 @@ def test_layer_norm_kernel_matches_the_reference(n_cols):
 
 
 @gpu
-def test_compiled_fused_block_matches_eager_and_the_unfused_fp8_block():
+def test_compiled_chain_of_fused_blocks_matches_eager_and_the_unfused_fp8_blocks():
     block = sdxl_block(640, 10, 2048, device="cuda")  # the UNet's 640-wide blocks, 64 channels per head
-    fast, slow = fused.Fp8TransformerBlock(copy.deepcopy(block)), unfused_fp8_block(block)
+    # two blocks: the second's first kernel also adds the first's feed-forward output
+    fast = fused.Fp8TransformerChain([fused.Fp8TransformerBlock(copy.deepcopy(block)) for _ in range(2)])
+    slow = unfused_fp8_block(block)
     x, text = block_inputs(block, tokens=1024, device="cuda")
     with torch.inference_mode():
         eager = fast(x, encoder_hidden_states=text)
         compiled = torch.compile(fast, fullgraph=True)(x, encoder_hidden_states=text)
-        unfused = slow(x, encoder_hidden_states=text)
-        exact = block(x, encoder_hidden_states=text)
+        unfused = slow(slow(x, encoder_hidden_states=text), encoder_hidden_states=text)
+        exact = block(block(x, encoder_hidden_states=text), encoder_hidden_states=text)
     assert relative_error(compiled, eager) < 1e-2
     assert relative_error(eager, unfused) < 1e-2  # fp32 rounding differs between the kernels and torch's ops
     assert relative_error(eager, exact) < 0.05

@@ -356,6 +356,24 @@ def test_quantization_takes_only_the_wide_linears_of_the_transformer_blocks():
     assert everything == {name for name in layers if "transformer_blocks" in name}  # quant_all_linears
 
 
+def test_the_fused_swaps_build_on_each_other_in_apply_optimizations():
+    """fused_geglu and fp8_attn_out swap modules that fused_norms then takes over (fp8 itself, a GPU option, is
+    left out here: the swaps are what is tested)."""
+    from sccsdxl import fused
+
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
+    call = tiny_unet_call(pipe.unet)
+    before = call()
+    info = quant.apply_optimizations(pipe, quant.parse_optimizations("fuse_qkv,fused_geglu,fp8_attn_out,fused_norms"))
+    assert info["fused_feed_forwards"] == info["fused_blocks"] == blocks > 0
+    assert info["fp8_attention_outputs"] == 2 * blocks
+    fused_blocks = [m for m in pipe.unet.modules() if isinstance(m, fused.Fp8TransformerBlock)]
+    assert len(fused_blocks) == blocks and all(isinstance(b.down, fused.Fp8RowWeight) for b in fused_blocks)
+    after = call()
+    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.05
+
+
 def test_regional_compilation_takes_the_fused_blocks_and_they_still_agree(tmp_path, monkeypatch):
     """fused_norms swaps the blocks that `compile` compiles by class name: each chain of them is compiled, whole."""
     from sccsdxl import fused

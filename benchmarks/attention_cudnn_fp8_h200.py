@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import FP8, FP8_MAX, SELF_ATTENTION_SHAPES, gpu_ms, relative_error, split_heads
+from kernel_bench import FP8, FP8_MAX, SELF_ATTENTION_SHAPES, gpu_ms, print_cudnn_table, relative_error, split_heads
 
 def quantize_thirds(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 q/k/v in the projection's layout, with one descale for each of the three."""
@@ -105,16 +105,9 @@ def run_case(name, rows, tokens, heads, d) -> str:
 
 
 def main() -> None:
-    import cudnn
-
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"cudnn-frontend {cudnn.__version__} (backend {cudnn.backend_version()})\n")
-    print("| shape | fp8 rel. error | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | quantize + dequantize ms "
-          "| bf16 / (fp8 + around) |")
-    print("|---|---|---|---|---|---|")
-    for shape in SELF_ATTENTION_SHAPES:
-        print(run_case(*shape), flush=True)
+    print_cudnn_table("| shape | fp8 rel. error | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | quantize + "
+                      "dequantize ms | bf16 / (fp8 + around) |", (run_case(*shape) for shape in SELF_ATTENTION_SHAPES))
 
 
 if __name__ == "__main__":

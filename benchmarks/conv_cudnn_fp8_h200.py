@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conv_fp8_h200 import SHAPES, case
-from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error
+from kernel_bench import FP8, FP8_MAX, gpu_ms, print_cudnn_table, quantize_tensor, relative_error
 
 
 def quantize_out_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,16 +89,10 @@ def run_case(name, rows, size, c_in, c_out, k, stride) -> str:
 
 
 def main() -> None:
-    import cudnn
-
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"cudnn-frontend {cudnn.__version__} (backend {cudnn.backend_version()})\n")
-    print("| shape | fp8 rel. error vs bf16 | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | activation quantization "
-          "ms | bf16 / fp8 alone | bf16 / (fp8 + quantization) |")
-    print("|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
-        print(run_case(*shape), flush=True)
+    print_cudnn_table("| shape | fp8 rel. error vs bf16 | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | activation "
+                      "quantization ms | bf16 / fp8 alone | bf16 / (fp8 + quantization) |",
+                      (run_case(*shape) for shape in SHAPES))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shared by the kernel benchmarks in this directory: GPU timing, the row kernels' bandwidth rows, per-tensor e4m3
-quantization, the error measure, the table loop of the fp8 experiments and the attention experiments' shapes and
-head split."""
+quantization, the error measure, the table loops of the fp8 and cudnn-frontend experiments, and the attention
+experiments' shapes and head split."""
 import sys
 
 import torch
@@ -46,6 +46,19 @@ def bandwidth_row(shape: str, label, fn, moved_bytes: int, reps: int) -> str:
     ``label`` may be a function, read after the timing (an autotuned kernel knows its choice only then)."""
     ms = gpu_ms(fn, reps)
     return f"| {shape} | {label() if callable(label) else label} | {ms:.3f} | {moved_bytes / ms / 1e6:.0f} |"
+
+
+def print_cudnn_table(header: str, rows) -> None:
+    """The cudnn-frontend experiments' output: versions, then a markdown table whose ``header`` is a '|'-separated
+    line, one row per item of ``rows`` (each printed as it is made)."""
+    import cudnn
+
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"cudnn-frontend {cudnn.__version__} (backend {cudnn.backend_version()})\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        print(row, flush=True)
 
 
 def run_experiment(run_case, tiny: list, shapes: list, checks: str, timings: str) -> None:

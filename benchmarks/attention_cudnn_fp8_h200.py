@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import FP8, FP8_MAX, SELF_ATTENTION_SHAPES, gpu_ms, print_cudnn_table, relative_error, split_heads
+from kernel_bench import (FP8, FP8_MAX, SELF_ATTENTION_SHAPES, build_cudnn_graph, cudnn_fp8_graph, gpu_ms,
+                          print_cudnn_table, relative_error, split_heads)
 
 def quantize_thirds(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 q/k/v in the projection's layout, with one descale for each of the three."""
@@ -40,13 +41,9 @@ class Fp8Attention:
     """One cuDNN fp8 attention graph for one shape; ``__call__`` runs it on an e4m3 fused q/k/v tensor."""
 
     def __init__(self, batch: int, tokens: int, heads: int, d: int):
-        import cudnn
-
-        self.cudnn = cudnn
-        self.handle = cudnn.create_handle()
+        self.cudnn, self.handle, graph = cudnn_fp8_graph()
+        cudnn = self.cudnn
         e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-        graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32,
-                              handle=self.handle)
         dims = [batch, heads, tokens, d]
         qkv_strides = [tokens * 3 * heads * d, d, 3 * heads * d, 1]
         self.out_strides = [tokens * heads * d, d, heads * d, 1]  # (batch, tokens, heads*d) for the projection
@@ -58,14 +55,9 @@ class Fp8Attention:
         o.set_output(True).set_dim(dims).set_stride(self.out_strides).set_data_type(e4m3)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
-        graph.build_plans()
+        self.workspace = build_cudnn_graph(cudnn, graph)
         self.graph, self.o, self.amax = graph, o, (amax_s, amax_o)
         self.shape, self.heads = (batch, tokens, heads * d), heads
-        self.workspace = torch.empty(graph.get_workspace_size(), device="cuda", dtype=torch.uint8)
         self.amax_buffers = [torch.empty(1, 1, 1, 1, device="cuda") for _ in range(2)]
         self.s_scales = [torch.full((1, 1, 1, 1), 1 / FP8_MAX, device="cuda"),  # probabilities use e4m3's range
                          torch.full((1, 1, 1, 1), FP8_MAX, device="cuda")]

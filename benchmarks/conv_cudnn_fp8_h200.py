@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from conv_fp8_h200 import SHAPES, case
-from kernel_bench import FP8, FP8_MAX, gpu_ms, print_cudnn_table, quantize_tensor, relative_error
+from kernel_bench import (FP8, FP8_MAX, build_cudnn_graph, cudnn_fp8_graph, gpu_ms, print_cudnn_table,
+                          quantize_tensor, relative_error)
 
 
 def quantize_out_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +33,9 @@ class Fp8Conv:
     """One cuDNN graph for one shape: e4m3 conv, times a per-channel descale, plus bias, out in bf16."""
 
     def __init__(self, x_q: torch.Tensor, w_q: torch.Tensor, out: torch.Tensor, stride: int, pad: int):
-        import cudnn
-
-        self.cudnn = cudnn
-        self.handle = cudnn.create_handle()
+        self.cudnn, self.handle, graph = cudnn_fp8_graph()
+        cudnn = self.cudnn
         e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-        graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32,
-                              handle=self.handle)
         self.x = graph.tensor(name="x", dim=list(x_q.shape), stride=list(x_q.stride()), data_type=e4m3)
         self.w = graph.tensor(name="w", dim=list(w_q.shape), stride=list(w_q.stride()), data_type=e4m3)
         channels = w_q.shape[0]
@@ -46,16 +43,11 @@ class Fp8Conv:
         self.descale, self.bias = graph.tensor(name="descale", **per_channel), graph.tensor(name="bias", **per_channel)
         conv = graph.conv_fprop(image=self.x, weight=self.w, pre_padding=[pad, pad], post_padding=[pad, pad],
                                 stride=[stride, stride], dilation=[1, 1], compute_data_type=fp32, name="conv")
-        self.y = graph.bias(input=graph.mul(a=conv, b=self.descale, name="descale"), bias=self.bias, name="bias")
+        self.y = graph.bias(input=graph.mul(a=conv, b=self.descale, name="apply_descale"), bias=self.bias,
+                            name="add_bias")
         self.y.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
         self.y.set_data_type(cudnn.data_type.BFLOAT16)
-        graph.validate()
-        graph.build_operation_graph()
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
-        graph.build_plans()
-        self.graph = graph
-        self.workspace = torch.empty(max(graph.get_workspace_size(), 1), device="cuda", dtype=torch.uint8)
+        self.graph, self.workspace = graph, build_cudnn_graph(cudnn, graph)
 
     def __call__(self, x_q, w_q, descale, bias, out) -> torch.Tensor:
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)

@@ -48,6 +48,29 @@ def bandwidth_row(shape: str, label, fn, moved_bytes: int, reps: int) -> str:
     return f"| {shape} | {label() if callable(label) else label} | {ms:.3f} | {moved_bytes / ms / 1e6:.0f} |"
 
 
+def cudnn_fp8_graph():
+    """A new cudnn-frontend graph with e4m3 inputs and fp32 arithmetic, on a handle of its own: (cudnn, handle,
+    graph)."""
+    import cudnn
+
+    handle = cudnn.create_handle()
+    fp32 = cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=cudnn.data_type.FP8_E4M3, intermediate_data_type=fp32,
+                          compute_data_type=fp32, handle=handle)
+    return cudnn, handle, graph
+
+
+def build_cudnn_graph(cudnn, graph) -> torch.Tensor:
+    """Validate and build ``graph`` with cuDNN's heuristics (raising where cuDNN cannot run it); returns its
+    workspace."""
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return torch.empty(max(graph.get_workspace_size(), 1), device="cuda", dtype=torch.uint8)
+
+
 def print_cudnn_table(header: str, rows) -> None:
     """The cudnn-frontend experiments' output: versions, then a markdown table whose ``header`` is a '|'-separated
     line, one row per item of ``rows`` (each printed as it is made)."""

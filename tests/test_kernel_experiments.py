@@ -59,3 +59,25 @@ def test_cudnn_fp8_attentions_layout_and_scales():
     assert float((restored - qkv).norm() / qkv.norm()) < 0.05
     assert torch.allclose(experiment.dequantize_output(fp8[..., :heads * d], descale[2]).float(),
                           fp8[..., :heads * d].float() * descale[2], rtol=1e-2)
+
+
+def test_cudnn_fp8_convolutions_scales_and_layout():
+    """conv_cudnn_fp8_h200.py hands cuDNN NHWC e4m3 tensors and one descale per output channel (activation scale
+    times weight scale): with those, the e4m3 convolution must give the bf16 one within fp8 rounding."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import conv_cudnn_fp8_h200 as experiment
+        from conv_fp8_h200 import case
+        from kernel_bench import quantize_tensor, relative_error
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    x, weight, bias = case(2, 8, 64, 32, 3, 1, "cpu")
+    x_q, x_scale = quantize_tensor(x)
+    w_q, w_scale = experiment.quantize_out_channels(weight)
+    assert x_q.is_contiguous(memory_format=torch.channels_last)  # what the graph's strides describe
+    assert w_q.is_contiguous(memory_format=torch.channels_last) and w_scale.shape == (32,)
+    descale = (x_scale * w_scale).view(1, -1, 1, 1)
+    out = F.conv2d(x_q.float(), w_q.float(), padding=1) * descale + bias.float().view(1, -1, 1, 1)
+    assert relative_error(out, F.conv2d(x.float(), weight.float(), bias.float(), padding=1)) < 0.06

@@ -374,22 +374,28 @@ def test_the_fused_swaps_build_on_each_other_in_apply_optimizations():
     assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.05
 
 
-def test_regional_compilation_takes_the_fused_blocks_and_they_still_agree(tmp_path, monkeypatch):
-    """fused_norms swaps the blocks that `compile` compiles by class name: each chain of them is compiled, whole."""
+def test_regional_compilation_takes_the_fused_blocks_which_trace_as_one_graph():
+    """fused_norms swaps the blocks that `compile` compiles by class name: each chain of them must be a region, and
+    dynamo must trace a whole model with its chain as one graph (inductor's code generation is left to the GPU
+    tests, where it takes the Triton kernels)."""
     from sccsdxl import fused
 
     pipe = build_random_pipeline("tiny", "bf16", "cpu")
     pipe.fuse_qkv_projections()
     unet = pipe.unet
     assert fused.fuse_transformer_blocks(unet) > 0
+    transformer = next(m for m in unet.modules() if type(m).__name__ == "Transformer2DModel")
+    torch.manual_seed(0)
+    hidden = torch.randn(2, transformer.config.in_channels, 4, 4, dtype=torch.bfloat16)
+    text = torch.randn(2, 77, transformer.config.cross_attention_dim, dtype=torch.bfloat16)
+    with torch.inference_mode():  # return_dict=False, as the UNet calls it
+        eager = transformer(hidden, encoder_hidden_states=text, return_dict=False)[0]
+        traced = torch.compile(transformer, fullgraph=True, backend="aot_eager")(hidden, encoder_hidden_states=text,
+                                                                                  return_dict=False)[0]
+    assert torch.equal(traced, eager)
     chains = sum(isinstance(m, fused.Fp8TransformerChain) for m in unet.modules())
-    call = tiny_unet_call(unet)
-    eager = call()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     with quant.own_inductor_settings():
         assert quant.compile_regions(unet, resnets=False, cuda_graphs=False) == chains > 0
-        compiled = call()
-    assert float((compiled.float() - eager.float()).norm() / eager.float().norm()) < 0.05  # fp8 rounding moves
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient", "math"])

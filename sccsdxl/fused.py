@@ -18,11 +18,12 @@ H200, about 1.1 TB/s; this kernel takes 9 ms, about 3.3 TB/s (BENCHMARKS.md, ses
 
 Option fused_norms: each transformer block runs as Fp8TransformerBlock, in which every LayerNorm, the residual
 add before it and the fp8 row quantization of the linear after it are one kernel; a Transformer2DModel's blocks
-run as one Fp8TransformerChain, so that the add closing each block joins the next block's first norm kernel. Inductor's kernels for that
-work (LayerNorm fused with torchao's quantization) are part of the UNet's 90 ms of norm kernels per forward at
-batch 25 on the H200 (GroupNorms are the rest); its coordinate-descent tuning (autotune) cut the norms from 79 to
-54 ms in an earlier configuration, at a cold compile that now exceeds 18 minutes (BENCHMARKS.md, sessions 4
-and 8). The kernel reads each row once and writes it once, like the row kernel above.
+run as one Fp8TransformerChain, so that the add closing each block joins the next block's first norm kernel.
+Inductor's kernels for that work (LayerNorm fused with torchao's quantization) are part of the UNet's 90 ms of
+norm kernels per forward at batch 25 on the H200 (GroupNorms are the rest); its coordinate-descent tuning
+(autotune) cut the norms from 79 to 54 ms in an earlier configuration, at a cold compile that now exceeds 18
+minutes (BENCHMARKS.md, sessions 4 and 8). The kernel reads each row once and writes it once, like the row kernel
+above.
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ except ImportError:  # CPU-only installs without Triton keep the reference path
 def available() -> bool:
     """The fused kernel needs Triton and an NVIDIA GPU (it writes e4m3fn; MI300's fp8 matmuls take e4m3fnuz)."""
     return triton is not None and torch.cuda.is_available() and torch.version.hip is None
+
+
+def _fp8_outputs(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (rows, cols) fp8 values and (rows, 1) fp32 scales: what each row kernel writes."""
+    return (torch.empty((rows, cols), device=device, dtype=FP8),
+            torch.empty((rows, 1), device=device, dtype=torch.float32))
 
 
 def geglu_fp8_rows_reference(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,15 +143,22 @@ if triton is not None:
     @triton_op("sccsdxl::geglu_fp8_rows", mutates_args=())
     def _geglu_fp8_rows_gpu(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, width = hidden.shape
-        values = torch.empty((rows, width // 2), device=hidden.device, dtype=FP8)
-        scales = torch.empty((rows, 1), device=hidden.device, dtype=torch.float32)
+        values, scales = _fp8_outputs(rows, width // 2, hidden.device)
         _launch(wrap_triton(_geglu_fp8_rows_kernel), hidden, values, scales)
         return values, scales
 
 
 if triton is not None:
-    @triton.autotune(configs=[triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)],
-                     key=["n_cols"])
+    def _whole_row_configs() -> list:
+        """For kernels that hold ROWS whole rows (up to 1280 wide) per program: how many rows, how many warps."""
+        return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)]
+
+    def _whole_row_grid(n_rows: int, config: dict):
+        """One program per ROWS rows: ROWS given when a configuration is run directly, else the autotuning's."""
+        per_program = config.get("ROWS")
+        return (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
+
+    @triton.autotune(configs=_whole_row_configs(), key=["n_cols"])
     @triton.jit
     def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
                          ROWS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
@@ -161,10 +175,9 @@ if triton is not None:
     def _launch_rows(kernel, matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
         """Run ``kernel`` on (rows, n) ``matrix``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
         n_rows, n_cols = matrix.shape
-        per_program = config.get("ROWS")  # given when run directly, chosen by the autotuning otherwise
-        grid = (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
-        kernel[grid](matrix, values, scales, n_rows, n_cols, matrix.stride(0), values.stride(0),
-                     BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+        kernel[_whole_row_grid(n_rows, config)](matrix, values, scales, n_rows, n_cols, matrix.stride(0),
+                                                values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
+                                                FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_rows_config(matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, rows: int,
                         num_warps: int = 4) -> None:
@@ -173,15 +186,13 @@ if triton is not None:
 
     @triton_op("sccsdxl::fp8_rows", mutates_args=())
     def _fp8_rows_gpu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.empty(matrix.shape, device=matrix.device, dtype=FP8)
-        scales = torch.empty((matrix.shape[0], 1), device=matrix.device, dtype=torch.float32)
+        values, scales = _fp8_outputs(*matrix.shape, matrix.device)
         _launch_rows(wrap_triton(_fp8_rows_kernel), matrix, values, scales)
         return values, scales
 
 
 if triton is not None:
-    @triton.autotune(configs=[triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)],
-                     key=["n_cols", "HAS_RESIDUAL"])
+    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "HAS_RESIDUAL"])
     @triton.jit
     def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
                                     n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -214,11 +225,10 @@ if triton is not None:
         ``scales``. Without a residual (``residual`` is ``x``), ``total`` is only a placeholder: the kernel neither
         reads nor writes it, and an output (``values``) stands in, so that no input looks written to."""
         n_rows, n_cols = x.shape
-        per_program = config.get("ROWS")  # given when run directly, chosen by the autotuning otherwise
-        grid = (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
-        kernel[grid](x, residual, total, weight, bias, values, scales, n_rows, n_cols, eps,
-                     BLOCK=triton.next_power_of_2(n_cols), HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX,
-                     MIN_SCALE=MIN_SCALE, **config)
+        kernel[_whole_row_grid(n_rows, config)](x, residual, total, weight, bias, values, scales, n_rows, n_cols,
+                                                eps, BLOCK=triton.next_power_of_2(n_cols),
+                                                HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+                                                **config)
 
     def run_layer_norm_config(x: torch.Tensor, residual: torch.Tensor | None, total: torch.Tensor | None,
                               weight: torch.Tensor, bias: torch.Tensor, eps: float, values: torch.Tensor,
@@ -228,14 +238,10 @@ if triton is not None:
                            values if total is None else total, weight, bias, eps, values, scales, ROWS=rows,
                            num_warps=num_warps)
 
-    def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.empty(x.shape, device=x.device, dtype=FP8),
-                torch.empty((x.shape[0], 1), device=x.device, dtype=torch.float32))
-
     @triton_op("sccsdxl::layer_norm_fp8_rows", mutates_args=())
     def _layer_norm_fp8_rows_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        values, scales = _fp8_outputs(x)
+        values, scales = _fp8_outputs(*x.shape, x.device)
         _launch_layer_norm(wrap_triton(_layer_norm_fp8_rows_kernel), x, x, values, weight, bias, eps, values, scales)
         return values, scales
 
@@ -243,7 +249,7 @@ if triton is not None:
     def _add_layer_norm_fp8_rows_gpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = torch.empty_like(x)
-        values, scales = _fp8_outputs(x)
+        values, scales = _fp8_outputs(*x.shape, x.device)
         _launch_layer_norm(wrap_triton(_layer_norm_fp8_rows_kernel), x, residual, total, weight, bias, eps, values,
                            scales)
         return total, values, scales
@@ -377,7 +383,8 @@ def can_fuse_block(block: torch.nn.Module) -> bool:
     self-attention, cross-attention with fused k/v, a GEGLU feed-forward (or its fused_geglu form)."""
     if type(block).__name__ != "BasicTransformerBlock" or block.norm_type != "layer_norm":
         return False
-    if block.pos_embed is not None or block.only_cross_attention or block._chunk_size is not None or block.attn2 is None:
+    if (block.pos_embed is not None or block.only_cross_attention or block._chunk_size is not None
+            or block.attn2 is None):
         return False
     norms = (block.norm1, block.norm2, block.norm3)
     if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms):

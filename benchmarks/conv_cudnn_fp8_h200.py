@@ -75,8 +75,8 @@ def run_case(name, rows, size, c_in, c_out, k, stride) -> str:
 
 def main() -> None:
     torch.manual_seed(0)
-    print_cudnn_table("| shape | fp8 rel. error vs bf16 | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | activation "
-                      "quantization ms | bf16 / fp8 alone | bf16 / (fp8 + quantization) |",
+    print_cudnn_table("| shape | fp8 rel. error vs bf16 | cuDNN bf16 ms (TFLOP/s) | cuDNN fp8 ms (TFLOP/s) | "
+                      "activation quantization ms | bf16 / fp8 alone | bf16 / (fp8 + quantization) |",
                       (run_case(*shape) for shape in SHAPES))
 
 

@@ -11,14 +11,11 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
-from kernel_bench import bandwidth_row  # noqa: E402
+from kernel_bench import BLOCK_ROWS, bandwidth_row, print_row_table  # noqa: E402
 
-SHAPES = {"1280 level (50 rows x 1024 tokens)": (51200, 10240), "640 level (50 rows x 4096 tokens)": (204800, 5120)}
-
-
-print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
-print("| shape | kernel | ms | GB/s |\n|---|---|---|---|")
-for name, (rows, width) in SHAPES.items():
+print_row_table("| shape | kernel | ms | GB/s |")
+for name, (rows, block_width) in BLOCK_ROWS.items():
+    width = 8 * block_width  # the GEGLU projection's output: value and gate, each 4x the block's width
     hidden = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
     values = torch.empty(rows, width // 2, device="cuda", dtype=fused.FP8)
     scales = torch.empty(rows, 1, device="cuda")

@@ -1,5 +1,5 @@
-"""Shared by the kernel benchmarks in this directory: GPU timing, the row kernels' bandwidth rows, per-tensor e4m3
-quantization, the error measure, the table loops of the fp8 and cudnn-frontend experiments, and the attention
+"""Shared by the kernel benchmarks in this directory: GPU timing, the row kernels' shapes and table rows, per-tensor
+e4m3 quantization, the error measure, the table loops of the fp8 and cudnn-frontend experiments, and the attention
 experiments' shapes and head split."""
 import sys
 
@@ -39,6 +39,34 @@ def gpu_ms(fn, reps: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+# the transformer blocks' rows at 50 UNet rows (batch 25 with guidance) and their width, at the two block levels
+BLOCK_ROWS = {"1280 level (50 rows x 1024 tokens)": (51200, 1280), "640 level (50 rows x 4096 tokens)": (204800, 640)}
+
+
+def print_row_table(header: str) -> None:
+    """The row-kernel benchmarks' output starts: the GPU and torch, then a markdown table with this header line."""
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
+    print(header + "\n|" + "---|" * (header.count("|") - 1))
+
+
+def whole_row_config_rows(shape: str, kernel, run, moved_bytes: int) -> None:
+    """One row per configuration of a whole-row kernel's autotuning; ``run(rows, num_warps)`` runs one directly."""
+    for config in kernel.configs:
+        rows, warps = config.kwargs["ROWS"], config.num_warps
+        print(bandwidth_row(shape, f"kernel, {rows} rows per program, {warps} warps", lambda: run(rows, warps),
+                            moved_bytes, reps=50))
+
+
+def inductor_rows(shape: str, label: str, fn, args: tuple, moved_bytes: int) -> None:
+    """``fn(*args)`` compiled cold by inductor, one row with its multi_kernel off and one with it on."""
+    for multi_kernel in (0, 1):
+        torch._dynamo.reset()
+        with torch._inductor.config.patch({"triton.multi_kernel": multi_kernel}), torch.no_grad():
+            compiled = torch.compile(fn, fullgraph=True)
+            print(bandwidth_row(shape, f"{label}, inductor (multi_kernel={multi_kernel})", lambda: compiled(*args),
+                                moved_bytes, reps=50))
 
 
 def bandwidth_row(shape: str, label, fn, moved_bytes: int, reps: int) -> str:

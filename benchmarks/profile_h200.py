@@ -103,7 +103,8 @@ def profile(fn) -> dict:
         kind = kind_of(name)
         kinds[kind] = kinds.get(kind, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
-    return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    by_kind = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": by_kind,
             "top_kernels": [[name[:140], round(ms, 3), calls[name]] for name, ms in top]}  # name, total ms, calls
 
 

@@ -46,6 +46,9 @@ OPTIONS: dict[str, str] = {
     "fused_norms": "with fp8 and fuse_qkv: each transformer block's LayerNorms run in one Triton kernel each with "
                    "the residual add before them and the fp8 row quantization of the linear after them; every block "
                    "linear but the text key/value projection in fp8 (sccsdxl.fused)",
+    "fused_group_norms": "with channels_last: the UNet's GroupNorms (with the SiLU after them, and in each ResNet "
+                         "block the convolution bias and time embedding added before the second) run as Triton "
+                         "kernels over channels_last memory (sccsdxl.group_norm)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -75,6 +78,7 @@ class Optimizations:
     fused_geglu: bool = False
     fp8_attn_out: bool = False
     fused_norms: bool = False
+    fused_group_norms: bool = False
     sdpa: str = "auto"
 
     @property
@@ -129,7 +133,8 @@ def supported_options(device: str) -> list[str]:
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing"]
     if device == "cuda":
-        names += ["cuda_graphs", "int8", "quant_all_linears"]
+        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if _fused_kernel_available()
+                                                                 else [])
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if _fused_kernel_available() else [])
     return names
@@ -170,6 +175,10 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
             problems.append(f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package")
     if opts.fused_norms and not opts.fuse_qkv:
         problems.append("fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv")
+    if opts.fused_group_norms and not opts.channels_last:
+        problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
+    elif opts.fused_group_norms and not _fused_kernel_available():
+        problems.append("fused_group_norms is a Triton kernel: it needs an NVIDIA GPU and the triton package")
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
@@ -249,7 +258,7 @@ def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
     names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
-    names |= {"ResnetBlock2D", "Downsample2D", "Upsample2D"} if resnets else set()
+    names |= {"ResnetBlock2D", "GroupNormResnetBlock", "Downsample2D", "Upsample2D"} if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
     # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the
     # UNet, where it was measured (the VAE decoder's kernels at batch 50 move gigabytes each)
@@ -348,6 +357,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fused import fuse_transformer_blocks
 
         info["fused_blocks"] = fuse_transformer_blocks(pipe.unet)
+    if opts.fused_group_norms:  # before compile_regions, which compiles the blocks it swaps in
+        from .group_norm import fuse_group_norms
+
+        info["fused_group_norms"] = fuse_group_norms(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.compiles:

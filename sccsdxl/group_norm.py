@@ -1,0 +1,273 @@
+"""Option fused_group_norms: the UNet's GroupNorms over channels_last activations as Triton kernels.
+
+In the compiled UNet at batch 25 with guidance, inductor's GroupNorm (+ SiLU) kernels take about 35 ms of a
+567 ms forward on an H200 (BENCHMARKS.md, session 9), while the bytes a GroupNorm must move (each activation
+read twice, for the statistics and to normalize it, and written once) take about 12 ms at 4 TB/s: inductor's
+normalizing kernels ran at 1.4-2.1 TB/s there. Here each GroupNorm is three kernels over the (image, pixel,
+channel) layout that channels_last gives: per-channel statistics of a slice of pixels (Welford within the
+slice), the group's mean and inverse standard deviation from those slices (Chan's merge), and one pass that adds
+the per-(image, channel) shift before the norm (a ResNet block's convolution bias plus its time embedding),
+normalizes, applies the affine and SiLU, and writes the result. ResnetBlock2D runs as GroupNormResnetBlock, each
+Transformer2DModel's norm and the UNet's output norm as GroupNormSiLU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fused import triton
+
+if triton is not None:
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+SLICES_PER_SM = 8  # statistics programs per multiprocessor to aim for: enough to hide memory latency
+STAT_CHANNELS = 128  # channels per statistics program, as the work count is planned (the tuned block may be less)
+
+
+def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None = None,
+                         silu: bool = False) -> torch.Tensor:
+    """``norm``(x + shift[:, :, None, None]), then SiLU if asked: the unfused definition, as diffusers computes it."""
+    if shift is not None:
+        x = x + shift[:, :, None, None].to(x.dtype)
+    out = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(out) if silu else out
+
+
+if triton is not None:
+    def _block_configs(warps: tuple = (4,)) -> list:
+        """Pixels x channels per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
+        return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+                for p in (8, 16, 32) for c in (64, 128) for w in warps]
+
+    @triton.autotune(configs=_block_configs(), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @triton.jit
+    def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, n_pixels, n_channels, pixels_per_slice,
+                                 n_slices, HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2)."""
+        image = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        channel_mask = channels < n_channels
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        first = part * pixels_per_slice
+        end = tl.minimum(first + pixels_per_slice, n_pixels)
+        for start in range(first, end, BLOCK_P):
+            pixels = start + tl.arange(0, BLOCK_P)
+            mask = (pixels < end)[:, None] & channel_mask[None, :]
+            at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
+            tile = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SHIFT:
+                tile = tile + shift[None, :]
+            block_count = tl.sum(mask.to(tl.float32), axis=0)
+            block_mean = tl.sum(tl.where(mask, tile, 0.0), axis=0) / tl.maximum(block_count, 1.0)
+            centred = tl.where(mask, tile - block_mean[None, :], 0.0)
+            total = count + block_count
+            delta = block_mean - mean
+            mean += delta * block_count / tl.maximum(total, 1.0)
+            m2 += tl.sum(centred * centred, axis=0) + delta * delta * count * block_count / tl.maximum(total, 1.0)
+            count = total
+        out = (image * n_slices + part) * n_channels + channels
+        tl.store(mean_ptr + out, mean, mask=channel_mask)
+        tl.store(m2_ptr + out, m2, mask=channel_mask)
+
+    @triton.jit
+    def _group_statistics_kernel(mean_ptr, m2_ptr, group_mean_ptr, group_rstd_ptr, n_pixels, n_channels,
+                                 pixels_per_slice, n_slices, n_groups, eps, BLOCK_S: tl.constexpr,
+                                 BLOCK_G: tl.constexpr):
+        """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std."""
+        image = tl.program_id(0).to(tl.int64)
+        group = tl.program_id(1)
+        per_group = n_channels // n_groups
+        parts = tl.arange(0, BLOCK_S)
+        lanes = tl.arange(0, BLOCK_G)
+        mask = (parts < n_slices)[:, None] & (lanes < per_group)[None, :]
+        at = (image * n_slices + parts[:, None]) * n_channels + group * per_group + lanes[None, :]
+        means = tl.load(mean_ptr + at, mask=mask, other=0.0)
+        m2s = tl.load(m2_ptr + at, mask=mask, other=0.0)
+        counts = tl.where(parts < n_slices, tl.minimum(pixels_per_slice, n_pixels - parts * pixels_per_slice), 0)
+        counts = counts.to(tl.float32)[:, None]
+        total = (n_pixels * per_group).to(tl.float32)
+        mean = tl.sum(tl.sum(means * counts, axis=1), axis=0) / total
+        delta = tl.where(mask, means - mean, 0.0)
+        m2 = tl.sum(tl.sum(m2s + delta * delta * counts, axis=1), axis=0)
+        tl.store(group_mean_ptr + image * n_groups + group, mean)
+        tl.store(group_rstd_ptr + image * n_groups + group, 1.0 / tl.sqrt(m2 / total + eps))
+
+    @triton.autotune(configs=_block_configs((4, 8)), key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU"])
+    @triton.jit
+    def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
+                          n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(x + shift - mean) / std * weight + bias, SiLU, for a tile of one image's pixels and channels. The
+        normalized value is rounded to x's dtype before SiLU, as the unfused ops round it."""
+        image = tl.program_id(0).to(tl.int64)
+        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        channel_mask = channels < n_channels
+        mask = (pixels < n_pixels)[:, None] & channel_mask[None, :]
+        at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0)
+            x += shift.to(tl.float32)[None, :]
+        groups = image * n_groups + channels // (n_channels // n_groups)
+        mean = tl.load(group_mean_ptr + groups, mask=channel_mask, other=0.0)
+        scale = tl.load(group_rstd_ptr + groups, mask=channel_mask, other=0.0)
+        scale *= tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        out = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+        if SILU:
+            out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+            out = out * tl.sigmoid(out)
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    def _slices(n_images: int, n_pixels: int, n_channels: int) -> tuple[int, int]:
+        """(pixels per slice, slices per image): enough statistics programs to fill the GPU, each slice non-empty."""
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 132
+        wanted = triton.cdiv(SLICES_PER_SM * sms, n_images * triton.cdiv(n_channels, STAT_CHANNELS))
+        per_slice = triton.cdiv(n_pixels, max(1, min(wanted, n_pixels)))
+        return per_slice, triton.cdiv(n_pixels, per_slice)
+
+    def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
+                stat_config: dict | None = None, normalize_config: dict | None = None) -> None:
+        """Run the three kernels on channels_last ``x`` (N, C, H, W), writing ``out``. Without a shift, ``shift`` is
+        ``x`` as a placeholder that the kernels never read. A config given runs that configuration directly."""
+        slice_kernel, group_kernel, normalize_kernel = kernels
+        n_images, n_channels, height, width = x.shape
+        n_pixels = height * width
+        per_slice, n_slices = _slices(n_images, n_pixels, n_channels)
+        means = torch.empty((n_images, n_slices, n_channels), device=x.device, dtype=torch.float32)
+        m2s = torch.empty_like(means)
+        group_mean = torch.empty((n_images, n_groups), device=x.device, dtype=torch.float32)
+        group_rstd = torch.empty_like(group_mean)
+        has_shift = shift is not x
+        stat = stat_config or {}
+        slice_kernel[_grid(n_images, n_slices, n_channels, stat, pixels=False)](
+            x, shift, means, m2s, n_pixels, n_channels, per_slice, n_slices, HAS_SHIFT=has_shift, **stat)
+        group_kernel[(n_images, n_groups)](
+            means, m2s, group_mean, group_rstd, n_pixels, n_channels, per_slice, n_slices, n_groups, eps,
+            BLOCK_S=triton.next_power_of_2(n_slices), BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
+        norm = normalize_config or {}
+        normalize_kernel[_grid(n_images, n_pixels, n_channels, norm, pixels=True)](
+            x, shift, group_mean, group_rstd, weight, bias, out, n_pixels, n_channels, n_groups,
+            HAS_SHIFT=has_shift, SILU=silu, **norm)
+
+    def _grid(n_images: int, rows: int, n_channels: int, config: dict, pixels: bool):
+        """(image, slice or pixel block, channel block): from ``config`` when run directly, else the tuned one's."""
+        def size(meta):
+            return (n_images, triton.cdiv(rows, meta["BLOCK_P"]) if pixels else rows,
+                    triton.cdiv(n_channels, meta["BLOCK_C"]))
+        return size(config) if config else size
+
+    _KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalize_kernel)
+
+    def run_group_norm_config(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None, silu: bool,
+                              out: torch.Tensor, stat_block: tuple[int, int], normalize_block: tuple[int, int],
+                              num_warps: int = 4) -> None:
+        """One configuration of each tuned kernel, (BLOCK_P, BLOCK_C), run directly: for tests and benchmarks."""
+        stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": 4}
+        normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1], "num_warps": num_warps}
+        _launch((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x,
+                x if shift is None else shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat,
+                normalize)
+
+    @triton_op("sccsdxl::group_norm_nhwc", mutates_args=())
+    def _group_norm_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,
+                        bias: torch.Tensor, n_groups: int, eps: float, silu: bool) -> torch.Tensor:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        _launch(tuple(wrap_triton(k) for k in _KERNELS), x, shift if has_shift else x, weight, bias, n_groups, eps,
+                silu, out)
+        return out
+
+
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None = None,
+               silu: bool = False) -> torch.Tensor:
+    """``norm``(x + shift[:, :, None, None]) (SiLU'd if asked) of (N, C, H, W) ``x``, with ``shift`` (N, C); on a
+    GPU three kernels over channels_last memory, the result channels_last too."""
+    if x.is_cuda and triton is not None:
+        x = x.contiguous(memory_format=torch.channels_last)
+        has_shift = shift is not None
+        shift = shift.to(x.dtype).contiguous() if has_shift else x
+        return _group_norm_gpu(x, shift, has_shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    return group_norm_reference(x, norm, shift, silu)
+
+
+class GroupNormSiLU(torch.nn.Module):
+    """Stands in for a GroupNorm (and the SiLU after it, with ``silu``): a Transformer2DModel's input norm, or the
+    UNet's output norm with its conv_act."""
+
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool = False):
+        super().__init__()
+        self.norm, self.silu = norm, silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.norm, silu=self.silu)
+
+
+def _is_group_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.GroupNorm) and module.affine
+
+
+def can_fuse_resnet(block: torch.nn.Module) -> bool:
+    """A ResnetBlock2D as SDXL's UNet builds it: GroupNorm + SiLU before each convolution, the time embedding
+    added before the second norm, no resampling inside the block, no dropout."""
+    return (type(block).__name__ == "ResnetBlock2D" and _is_group_norm(block.norm1) and _is_group_norm(block.norm2)
+            and isinstance(block.nonlinearity, torch.nn.SiLU) and block.upsample is None
+            and block.downsample is None and block.time_embedding_norm == "default" and not block.skip_time_act
+            and block.dropout.p == 0.0)
+
+
+class GroupNormResnetBlock(torch.nn.Module):
+    """Stands in for a ResnetBlock2D that can_fuse_resnet accepts, computing the same: each GroupNorm + SiLU is
+    group_norm's kernels, and the first convolution's bias joins the time embedding as the second norm's shift, so
+    that the sum before that norm is never written."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.norm1, self.conv1, self.norm2, self.conv2 = block.norm1, block.conv1, block.norm2, block.conv2
+        self.time_emb_proj, self.conv_shortcut = block.time_emb_proj, block.conv_shortcut
+        self.output_scale_factor = block.output_scale_factor
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        hidden = group_norm(input_tensor, self.norm1, silu=True)
+        hidden = self.conv1._conv_forward(hidden, self.conv1.weight, None)
+        hidden = group_norm(hidden, self.norm2, self._shift(temb, hidden), silu=True)
+        hidden = self.conv2(hidden)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return (shortcut + hidden) / self.output_scale_factor
+
+    def _shift(self, temb: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, C): the first convolution's bias plus the projected time embedding, what diffusers adds before norm2."""
+        shift = None
+        if self.time_emb_proj is not None and temb is not None:
+            shift = self.time_emb_proj(F.silu(temb))
+        bias = self.conv1.bias
+        if bias is not None:
+            shift = bias.expand(hidden.shape[0], -1) if shift is None else shift + bias
+        return shift
+
+
+def fuse_group_norms(unet: torch.nn.Module) -> dict:
+    """Swap the UNet's GroupNorms for group_norm's kernels: every ResnetBlock2D that can_fuse_resnet accepts, every
+    Transformer2DModel's input norm and the output norm with its SiLU. Returns how many of each."""
+    counts = {"resnets": 0, "transformer_norms": 0, "output_norm": 0}
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if can_fuse_resnet(child):
+                setattr(parent, name, GroupNormResnetBlock(child))
+                counts["resnets"] += 1
+            elif type(parent).__name__ == "Transformer2DModel" and name == "norm" and _is_group_norm(child):
+                parent.norm = GroupNormSiLU(child)
+                counts["transformer_norms"] += 1
+    if _is_group_norm(getattr(unet, "conv_norm_out", None)) and isinstance(getattr(unet, "conv_act", None),
+                                                                           torch.nn.SiLU):
+        unet.conv_norm_out, unet.conv_act = GroupNormSiLU(unet.conv_norm_out, silu=True), torch.nn.Identity()
+        counts["output_norm"] = 1
+    return counts
+

@@ -1,0 +1,221 @@
+"""The GroupNorm kernels (option fused_group_norms): the modules that use them on the CPU, the kernels in Triton's
+CPU interpreter, and on a GPU."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sccsdxl import fused
+from sccsdxl import group_norm as G
+from sccsdxl.errors import ParameterError
+from sccsdxl.pipeline import build_random_pipeline
+from sccsdxl.quant import check_optimizations, parse_optimizations
+
+from conftest import tiny_unet_call
+
+
+def resnet_block(channels_in: int = 64, channels_out: int = 96, device: str = "cpu", dtype=torch.float32):
+    """A ResnetBlock2D as SDXL's UNet builds them (32 groups, a time embedding, a shortcut when widths differ)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=channels_in, out_channels=channels_out, temb_channels=48, groups=32).eval()
+    with torch.no_grad():  # affine parameters away from their 1 / 0 start, so that a swapped pair would show
+        for norm in (block.norm1, block.norm2):
+            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+            norm.bias.copy_(torch.randn_like(norm.bias) * 0.1)
+    return block.to(device, dtype)
+
+
+def block_inputs(block, device: str = "cpu", dtype=torch.float32, size: int = 8):
+    torch.manual_seed(1)
+    x = (torch.randn(2, block.norm1.num_channels, size, size, device=device) * 2 + 1).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last), torch.randn(2, 48, device=device, dtype=dtype)
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((test.float() - reference.float()).norm() / reference.float().norm())
+
+
+def test_reference_is_the_shift_then_group_norm_then_silu():
+    norm = torch.nn.GroupNorm(4, 16)
+    x, shift = torch.randn(2, 16, 3, 5), torch.randn(2, 16)
+    expected = F.silu(norm(x + shift[:, :, None, None]))
+    assert torch.allclose(G.group_norm(x, norm, shift, silu=True), expected, atol=1e-6)
+    assert torch.allclose(G.group_norm(x, norm), norm(x), atol=1e-6)
+
+
+def test_swapped_resnet_block_computes_what_diffusers_block_computes():
+    block = resnet_block()
+    x, temb = block_inputs(block)
+    with torch.no_grad():
+        expected = block(x, temb)
+        swapped = G.GroupNormResnetBlock(block)
+        assert torch.allclose(swapped(x, temb), expected, rtol=1e-5, atol=1e-5)
+        same_width = resnet_block(64, 64)  # no shortcut convolution
+        assert torch.allclose(G.GroupNormResnetBlock(same_width)(x, temb), same_width(x, temb), rtol=1e-5, atol=1e-5)
+
+
+def test_every_group_norm_of_the_unet_is_swapped_and_the_unet_still_agrees():
+    pipe = build_random_pipeline("tiny", "fp32", "cpu")
+    unet = pipe.unet.to(memory_format=torch.channels_last)
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in unet.modules())
+    call = tiny_unet_call(unet, dtype=torch.float32)
+    before = call()
+    counts = G.fuse_group_norms(unet)
+    assert counts == {"resnets": resnets, "transformer_norms": transformers, "output_norm": 1}
+    assert resnets > 0 and transformers > 0
+    assert not any(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    assert isinstance(unet.conv_act, torch.nn.Identity)  # its SiLU runs in the output norm's kernel
+    assert relative_error(call(), before) < 1e-5
+
+
+def test_blocks_unlike_sdxls_are_left_as_they_are():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    assert G.can_fuse_resnet(resnet_block())
+    for changed in (dict(up=True), dict(down=True), dict(time_embedding_norm="scale_shift"), dict(dropout=0.1),
+                    dict(non_linearity="mish")):
+        block = ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=48, groups=32, **changed)
+        assert not G.can_fuse_resnet(block), changed
+
+
+def test_swapped_block_traces_as_one_graph():
+    """compile_resnets compiles each GroupNormResnetBlock: dynamo must take it whole (here the CPU path)."""
+    block = G.GroupNormResnetBlock(resnet_block())
+    x, temb = block_inputs(block)
+    compiled = torch.compile(copy.deepcopy(block), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, temb), block(x, temb), rtol=1e-5, atol=1e-5)
+
+
+def test_the_option_needs_channels_last_and_a_gpu_and_says_so():
+    with pytest.raises(ParameterError, match="add channels_last"):
+        check_optimizations(parse_optimizations("fused_group_norms"), "bf16", "cuda")
+    if not fused.available():
+        with pytest.raises(ParameterError, match="needs an NVIDIA GPU"):
+            check_optimizations(parse_optimizations("channels_last,fused_group_norms"), "bf16", "cpu")
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from sccsdxl import group_norm as G
+
+    # the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest): each result to two bf16 steps
+    step = 2 ** -7
+    torch.manual_seed(0)
+    cases = ((2, 40, 5, 7, 4), (3, 64, 4, 4, 32), (1, 130, 9, 3, 2))  # masked channels, 2 per group, 2 groups
+    # (statistics programs per SM, the two kernels' (pixels, channels) blocks): one pixel per slice, one slice per
+    # image, uneven slices
+    plans = ((8, (8, 64), (8, 64)), (0, (32, 128), (16, 64)), (1, (8, 64), (32, 128)))
+    for slices_per_sm, stat, normalize in plans:
+        G.SLICES_PER_SM = slices_per_sm
+        for n, c, h, w, groups in cases:
+            norm = torch.nn.GroupNorm(groups, c).to(torch.bfloat16)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(c) + 0.5)
+                norm.bias.copy_(torch.randn(c) * 0.1)
+            x = (torch.randn(n, c, h, w) * 3 + 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            shift = torch.randn(n, c).to(torch.bfloat16)
+            for with_shift, silu in ((False, False), (False, True), (True, True)):
+                expected = F.group_norm(x.float() + (shift.float()[:, :, None, None] if with_shift else 0), groups,
+                                        norm.weight.float(), norm.bias.float(), norm.eps)
+                expected = F.silu(expected) if silu else expected
+                out = torch.full_like(x, float("nan"))
+                G.run_group_norm_config(x, norm, shift if with_shift else None, silu, out, stat, normalize)
+                bound = expected.abs() * 2 * step + 2 * step * 2 ** -2
+                where = (slices_per_sm, n, c, h, w, groups, with_shift, silu)
+                assert ((out.float() - expected).abs() <= bound).all(), where
+    print("kernel ok")
+""")
+
+
+@pytest.mark.skipif(fused.triton is None or fused.available(),
+                    reason="needs the triton package; on a GPU the tests below run the compiled kernels themselves")
+def test_kernels_in_tritons_cpu_interpreter_normalize_each_group():
+    """The three kernels, run by Triton's interpreter on the CPU: slices, group merges, masks and the shift."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
+
+
+gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernels need a GPU (run on the H200: BENCHMARKS.md)")
+
+
+@gpu
+@pytest.mark.parametrize("channels, size", [(320, 64), (1920, 32), (1000, 16)])  # SDXL's widths, and a ragged one
+def test_kernels_match_the_reference(channels, size):
+    norm = torch.nn.GroupNorm(32 if channels % 32 == 0 else 8, channels).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels) + 0.5)
+        norm.bias.copy_(torch.randn(channels) * 0.1)
+    x = (torch.randn(4, channels, size, size, device="cuda") * 3 + 2).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    shift = torch.randn(4, channels, device="cuda", dtype=torch.bfloat16)
+    for with_shift in (False, True):
+        for silu in (False, True):
+            expected = G.group_norm_reference(x, norm, shift if with_shift else None, silu)
+            got = G.group_norm(x, norm, shift if with_shift else None, silu)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert relative_error(got, expected) < 4e-3, (with_shift, silu)
+            for config in G._normalize_kernel.configs:  # every configuration the tuning may pick
+                out = torch.empty_like(x)
+                block = (config.kwargs["BLOCK_P"], config.kwargs["BLOCK_C"])
+                G.run_group_norm_config(x, norm, shift if with_shift else None, silu, out, block, block,
+                                        num_warps=config.num_warps)
+                assert relative_error(out, expected) < 4e-3, (with_shift, silu, config)
+
+
+@gpu
+def test_compiled_swapped_resnet_block_matches_diffusers_block():
+    block = resnet_block(640, 1280, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x, temb = block_inputs(block, "cuda", torch.bfloat16, size=32)
+    swapped = torch.compile(G.GroupNormResnetBlock(block), fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(swapped(x, temb), block(x, temb)) < 1e-2
+
+
+@gpu
+def test_unet_with_fused_group_norms_agrees_on_the_gpu():
+    pipe = build_random_pipeline("tiny", "bf16", "cuda")
+    unet = pipe.unet.to(memory_format=torch.channels_last)
+    call = tiny_unet_call(unet, device="cuda")
+    before = call()
+    G.fuse_group_norms(unet)
+    assert relative_error(call(), before) < 2e-2
+
+
+WARM_CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from torch._dynamo.utils import counters
+    from diffusers.models.resnet import ResnetBlock2D
+    from sccsdxl import group_norm
+    from sccsdxl.quant import use_compile_cache
+
+    use_compile_cache(sys.argv[1])
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=640, out_channels=1280, temb_channels=1280, groups=32).eval()
+    block = group_norm.GroupNormResnetBlock(block.to("cuda", torch.bfloat16).to(memory_format=torch.channels_last))
+    x = torch.randn(2, 640, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    temb = torch.randn(2, 1280, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(block, fullgraph=True)(x, temb)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    print(json.dumps({"sum": float(out.float().sum()), "cache_hits": hits}))
+""")
+
+
+@gpu
+def test_compiled_resnet_block_starts_warm_from_the_disk_cache_in_a_new_process(cache_in_two_processes):
+    """What 04's warm start does: a second process loads the compiled graph holding the kernels from the cache."""
+    runs = cache_in_two_processes(WARM_CACHE_SCRIPT)
+    assert runs[1]["cache_hits"] > 0
+    assert runs[1]["sum"] == pytest.approx(runs[0]["sum"], rel=1e-3)

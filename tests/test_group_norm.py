@@ -112,11 +112,14 @@ INTERPRETED = textwrap.dedent("""
     step = 2 ** -7
     torch.manual_seed(0)
     cases = ((2, 40, 5, 7, 4), (3, 64, 4, 4, 32), (1, 130, 9, 3, 2))  # masked channels, 2 per group, 2 groups
-    # (statistics programs per SM, the two kernels' (pixels, channels) blocks): one pixel per slice, one slice per
-    # image, uneven slices
-    plans = ((8, (8, 64), (8, 64)), (0, (32, 128), (16, 64)), (1, (8, 64), (32, 128)))
-    for slices_per_sm, stat, normalize in plans:
-        G.SLICES_PER_SM = slices_per_sm
+    # (pixels per statistics slice, the two kernels' (pixels, channels) blocks): one pixel per slice, one slice
+    # per image (several loop steps, the last one partial), uneven slices (the last one shorter)
+    plans = ((1, (8, 64), (8, 64)), (None, (32, 128), (16, 64)), (8, (8, 64), (32, 128)))
+    for per_slice, stat, normalize in plans:
+        def slices(n_images, n_pixels, n_channels, per_slice=per_slice):
+            size = min(per_slice or n_pixels, n_pixels)
+            return size, -(-n_pixels // size)
+        G._slices = slices
         for n, c, h, w, groups in cases:
             norm = torch.nn.GroupNorm(groups, c).to(torch.bfloat16)
             with torch.no_grad():
@@ -124,17 +127,27 @@ INTERPRETED = textwrap.dedent("""
                 norm.bias.copy_(torch.randn(c) * 0.1)
             x = (torch.randn(n, c, h, w) * 3 + 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
             shift = torch.randn(n, c).to(torch.bfloat16)
-            for with_shift, silu in ((False, False), (False, True), (True, True)):
+            for with_shift, silu in ((False, False), (True, True)):
                 expected = F.group_norm(x.float() + (shift.float()[:, :, None, None] if with_shift else 0), groups,
                                         norm.weight.float(), norm.bias.float(), norm.eps)
                 expected = F.silu(expected) if silu else expected
                 out = torch.full_like(x, float("nan"))
                 G.run_group_norm_config(x, norm, shift if with_shift else None, silu, out, stat, normalize)
                 bound = expected.abs() * 2 * step + 2 * step * 2 ** -2
-                where = (slices_per_sm, n, c, h, w, groups, with_shift, silu)
+                where = (per_slice, n, c, h, w, groups, with_shift, silu)
                 assert ((out.float() - expected).abs() <= bound).all(), where
     print("kernel ok")
 """)
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_statistics_slices_fill_the_gpu_and_cover_every_pixel_once():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    for n_images, n_pixels, n_channels in ((50, 16384, 320), (2, 1024, 2560), (1, 27, 130), (64, 1, 4)):
+        per_slice, n_slices = G._slices(n_images, n_pixels, n_channels)
+        assert (n_slices - 1) * per_slice < n_pixels <= n_slices * per_slice  # no empty slice, none left out
+        programs = n_images * n_slices * -(-n_channels // G.STAT_CHANNELS)
+        assert programs >= min(n_images * n_pixels, G.SLICES_PER_SM * sms)  # the GPU filled, where pixels allow
 
 
 @pytest.mark.skipif(fused.triton is None or fused.available(),

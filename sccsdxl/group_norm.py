@@ -136,8 +136,8 @@ if triton is not None:
 
     def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
                 stat_config: dict | None = None, normalize_config: dict | None = None) -> None:
-        """Run the three kernels on channels_last ``x`` (N, C, H, W), writing ``out``. Without a shift, ``shift`` is
-        ``x`` as a placeholder that the kernels never read. A config given runs that configuration directly."""
+        """Run the three kernels on channels_last ``x`` (N, C, H, W) and ``shift`` (N, C) or None, writing ``out``. A
+        config given runs that configuration directly."""
         slice_kernel, group_kernel, normalize_kernel = kernels
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
@@ -146,7 +146,8 @@ if triton is not None:
         m2s = torch.empty_like(means)
         group_mean = torch.empty((n_images, n_groups), device=x.device, dtype=torch.float32)
         group_rstd = torch.empty_like(group_mean)
-        has_shift = shift is not x
+        has_shift = shift is not None
+        shift = shift if has_shift else x  # a placeholder the kernels never read
         stat = stat_config or {}
         slice_kernel[_grid(n_images, n_slices, n_channels, stat, pixels=False)](
             x, shift, means, m2s, n_pixels, n_channels, per_slice, n_slices, HAS_SHIFT=has_shift, **stat)
@@ -174,15 +175,14 @@ if triton is not None:
         stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": 4}
         normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1], "num_warps": num_warps}
         _launch((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x,
-                x if shift is None else shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat,
-                normalize)
+                shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat, normalize)
 
     @triton_op("sccsdxl::group_norm_nhwc", mutates_args=())
     def _group_norm_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,
                         bias: torch.Tensor, n_groups: int, eps: float, silu: bool) -> torch.Tensor:
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        _launch(tuple(wrap_triton(k) for k in _KERNELS), x, shift if has_shift else x, weight, bias, n_groups, eps,
-                silu, out)
+        _launch(tuple(wrap_triton(k) for k in _KERNELS), x, shift if has_shift else None, weight, bias, n_groups,
+                eps, silu, out)
         return out
 
 

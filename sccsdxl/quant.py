@@ -133,10 +133,10 @@ def supported_options(device: str) -> list[str]:
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing"]
     if device == "cuda":
-        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if _fused_kernel_available()
-                                                                 else [])
+        triton_kernels = _fused_kernel_available()
+        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if triton_kernels else [])
         if fp8_capable(device):
-            names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if _fused_kernel_available() else [])
+            names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
     return names
 
 
@@ -144,6 +144,10 @@ def _fused_kernel_available() -> bool:
     from .fused import available
 
     return available()
+
+
+def _needs_triton(name: str) -> str:
+    return f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package"
 
 
 def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
@@ -172,13 +176,13 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         if getattr(opts, name) and not opts.fp8:
             problems.append(f"{name} runs {what} in fp8: add fp8")
         elif getattr(opts, name) and not _fused_kernel_available():
-            problems.append(f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package")
+            problems.append(_needs_triton(name))
     if opts.fused_norms and not opts.fuse_qkv:
         problems.append("fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv")
     if opts.fused_group_norms and not opts.channels_last:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
-        problems.append("fused_group_norms is a Triton kernel: it needs an NVIDIA GPU and the triton package")
+        problems.append(_needs_triton("fused_group_norms"))
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":

@@ -66,6 +66,11 @@ def cache_in_two_processes(tmp_path):
     return run
 
 
+def relative_error(test, reference) -> float:
+    """||test - reference|| / ||reference||, in fp32: how the fused kernels' tests compare with their references."""
+    return float((test.float() - reference.float()).norm() / reference.float().norm())
+
+
 def tiny_unet_call(unet, device: str = "cpu", dtype=None):
     """One fixed forward of a tiny UNet (2 rows), as a function returning a copy of its output (a CUDA graph
     replay overwrites the output it returned before)."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sccsdxl import fused
 from sccsdxl.pipeline import build_random_pipeline
 
-from conftest import tiny_unet_call
+from conftest import relative_error, tiny_unet_call
 
 
 def feed_forward(dim: int = 64, dtype=torch.bfloat16):
@@ -26,10 +26,6 @@ def feed_forward(dim: int = 64, dtype=torch.bfloat16):
 def geglu(hidden: torch.Tensor) -> torch.Tensor:
     value, gate = hidden.float().chunk(2, dim=-1)
     return value * F.gelu(gate)
-
-
-def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
 def test_reference_rows_dequantize_to_geglu_within_fp8_precision():

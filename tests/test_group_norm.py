@@ -16,7 +16,7 @@ from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.quant import check_optimizations, parse_optimizations
 
-from conftest import tiny_unet_call
+from conftest import relative_error, tiny_unet_call
 
 
 def resnet_block(channels_in: int = 64, channels_out: int = 96, device: str = "cpu", dtype=torch.float32):
@@ -36,10 +36,6 @@ def block_inputs(block, device: str = "cpu", dtype=torch.float32, size: int = 8)
     torch.manual_seed(1)
     x = (torch.randn(2, block.norm1.num_channels, size, size, device=device) * 2 + 1).to(dtype)
     return x.contiguous(memory_format=torch.channels_last), torch.randn(2, 48, device=device, dtype=dtype)
-
-
-def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
 def test_reference_is_the_shift_then_group_norm_then_silu():

@@ -1,7 +1,7 @@
 """sccsdxl.group_norm's kernels (option fused_group_norms) alone, at the UNet's GroupNorm shapes at batch 25.
 
-Times the three kernels with the tuned configurations and with each normalizing configuration the tuning chooses
-from, with and without the shift (a ResNet block's second norm: convolution bias plus time embedding) and SiLU,
+Times the three kernels with the tuned configurations and with each configuration of each kernel that the tuning
+chooses from, with and without the shift (a ResNet block's second norm: convolution bias plus time embedding) and SiLU,
 against the same work compiled by inductor on channels_last input (the add, F.group_norm and F.silu: what the kit
 compiles without the option), with and without inductor's multi_kernel. GB/s counts the bytes a GroupNorm must
 move: the input read twice (statistics, then normalizing) and the output written once. Run on a GPU node:
@@ -42,10 +42,11 @@ for name, side, channels in SHAPES:
     for with_shift, silu in ((False, False), (False, True), (True, True)):
         shape = f"{name} | {'shift' if with_shift else '-'}, {'SiLU' if silu else '-'}"
         given = shift if with_shift else None
-        for config in G._normalize_kernel.configs:
-            block, warps = (config.kwargs["BLOCK_P"], config.kwargs["BLOCK_C"]), config.num_warps
-            print(bandwidth_row(shape, f"kernels, statistics (32, 64), normalizing {block} {warps} warps",
-                                lambda: G.run_group_norm_config(x, norm, given, silu, out, (32, 64), block, warps),
+        plans = [(stat, G.NORMALIZE_BLOCKS[0]) for stat in G.STATISTICS_BLOCKS]
+        plans += [(G.STATISTICS_BLOCKS[0], normalize) for normalize in G.NORMALIZE_BLOCKS[1:]]
+        for stat, normalize in plans:  # (pixels, channels, warps) of each kernel
+            print(bandwidth_row(shape, f"kernels, statistics {stat}, normalizing {normalize}",
+                                lambda: G.run_group_norm_config(x, norm, given, silu, out, stat, normalize),
                                 moved, reps=20))
         print(bandwidth_row(shape, lambda: (f"kernels, tuned: statistics {G._slice_statistics_kernel.best_config}, "
                                             f"normalizing {G._normalize_kernel.best_config}"),

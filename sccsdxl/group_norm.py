@@ -2,13 +2,14 @@
 
 In the compiled UNet at batch 25 with guidance, inductor's GroupNorm (+ SiLU) kernels take about 35 ms of a
 567 ms forward on an H200 (BENCHMARKS.md, session 9), while the bytes a GroupNorm must move (each activation
-read twice, for the statistics and to normalize it, and written once) take about 12 ms at 4 TB/s: inductor's
-normalizing kernels ran at 1.4-2.1 TB/s there. Here each GroupNorm is three kernels over the (image, pixel,
-channel) layout that channels_last gives: per-channel statistics of a slice of pixels (Welford within the
-slice), the group's mean and inverse standard deviation from those slices (Chan's merge), and one pass that adds
-the per-(image, channel) shift before the norm (a ResNet block's convolution bias plus its time embedding),
-normalizes, applies the affine and SiLU, and writes the result. ResnetBlock2D runs as GroupNormResnetBlock, each
-Transformer2DModel's norm and the UNet's output norm as GroupNormSiLU.
+read twice, for the statistics and to normalize it, and written once) take about 12 ms at 4 TB/s. Here each
+GroupNorm is three kernels over the (image, pixel, channel) layout that channels_last gives: per-channel
+statistics of a slice of pixels (sums of deviations from the slice's first pixel), the group's mean and inverse
+standard deviation from those slices (Chan's merge), and one pass that adds the per-(image, channel) shift before
+the norm (a ResNet block's convolution bias plus its time embedding), normalizes, applies the affine and SiLU,
+and writes the result. ResnetBlock2D runs as GroupNormResnetBlock, each Transformer2DModel's norm and the UNet's
+output norm as GroupNormSiLU. Measured in session 10 (BENCHMARKS.md): the normalizing pass ran at 3.3-3.6 TB/s,
+the statistics pass of that session (which reduced across threads at every step) at 0.2-1.2 TB/s.
 """
 from __future__ import annotations
 
@@ -35,42 +36,48 @@ def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch
 
 
 if triton is not None:
-    def _block_configs(warps: tuple = (4,)) -> list:
-        """Pixels x channels per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
-        return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
-                for p in (8, 16, 32) for c in (64, 128) for w in warps]
+    def _block_configs(blocks: tuple) -> list:
+        """(pixels, channels, warps) per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
+        return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in blocks]
 
-    @triton.autotune(configs=_block_configs(), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    # the tiles that ran fastest on the H200 (benchmarks/group_norm_split_h200.py, session 10), and their neighbours
+    STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
+    NORMALIZE_BLOCKS = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4))
+
+    @triton.autotune(configs=_block_configs(STATISTICS_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
     @triton.jit
     def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, n_pixels, n_channels, pixels_per_slice,
                                  n_slices, HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2)."""
+        """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2).
+
+        The sums run elementwise over the tile and are reduced across its pixels once, after the loop: a reduction
+        across threads at every step held this kernel to a third of the GPU's read bandwidth. They are sums of
+        deviations from the slice's first pixel, so that the sum of squares does not cancel in fp32; the shift
+        moves every pixel of a channel alike, so it enters the mean alone."""
         image = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         channel_mask = channels < n_channels
-        if HAS_SHIFT:
-            shift = tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        count = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         first = part * pixels_per_slice
         end = tl.minimum(first + pixels_per_slice, n_pixels)
+        pivot = tl.load(x_ptr + (image * n_pixels + first) * n_channels + channels, mask=channel_mask,
+                        other=0.0).to(tl.float32)
+        sums = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for start in range(first, end, BLOCK_P):
             pixels = start + tl.arange(0, BLOCK_P)
             mask = (pixels < end)[:, None] & channel_mask[None, :]
             at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
             tile = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SHIFT:
-                tile = tile + shift[None, :]
-            block_count = tl.sum(mask.to(tl.float32), axis=0)
-            block_mean = tl.sum(tl.where(mask, tile, 0.0), axis=0) / tl.maximum(block_count, 1.0)
-            centred = tl.where(mask, tile - block_mean[None, :], 0.0)
-            total = count + block_count
-            delta = block_mean - mean
-            mean += delta * block_count / tl.maximum(total, 1.0)
-            m2 += tl.sum(centred * centred, axis=0) + delta * delta * count * block_count / tl.maximum(total, 1.0)
-            count = total
+            deviation = tl.where(mask, tile - pivot[None, :], 0.0)
+            sums += deviation
+            squares += deviation * deviation
+        count = (end - first).to(tl.float32)
+        total = tl.sum(sums, axis=0)
+        mean = pivot + total / count
+        if HAS_SHIFT:
+            mean += tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        m2 = tl.maximum(tl.sum(squares, axis=0) - total * total / count, 0.0)
         out = (image * n_slices + part) * n_channels + channels
         tl.store(mean_ptr + out, mean, mask=channel_mask)
         tl.store(m2_ptr + out, m2, mask=channel_mask)
@@ -98,7 +105,7 @@ if triton is not None:
         tl.store(group_mean_ptr + image * n_groups + group, mean)
         tl.store(group_rstd_ptr + image * n_groups + group, 1.0 / tl.sqrt(m2 / total + eps))
 
-    @triton.autotune(configs=_block_configs((4, 8)), key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU"])
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU"])
     @triton.jit
     def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
                           n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
@@ -169,11 +176,12 @@ if triton is not None:
     _KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalize_kernel)
 
     def run_group_norm_config(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None, silu: bool,
-                              out: torch.Tensor, stat_block: tuple[int, int], normalize_block: tuple[int, int],
-                              num_warps: int = 4) -> None:
-        """One configuration of each tuned kernel, (BLOCK_P, BLOCK_C), run directly: for tests and benchmarks."""
-        stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": 4}
-        normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1], "num_warps": num_warps}
+                              out: torch.Tensor, stat_block: tuple[int, ...], normalize_block: tuple[int, ...]) -> None:
+        """One configuration of each tuned kernel, (BLOCK_P, BLOCK_C) or (BLOCK_P, BLOCK_C, warps), run directly:
+        for tests and benchmarks."""
+        stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": (*stat_block, 4)[2]}
+        normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1],
+                     "num_warps": (*normalize_block, 4)[2]}
         _launch((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x,
                 shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat, normalize)
 

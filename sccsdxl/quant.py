@@ -49,6 +49,9 @@ OPTIONS: dict[str, str] = {
     "fused_group_norms": "with channels_last: the UNet's GroupNorms (with the SiLU after them, and in each ResNet "
                          "block the convolution bias and time embedding added before the second) run as Triton "
                          "kernels over channels_last memory (sccsdxl.group_norm)",
+    "text_kv_once": "each cross-attention's key/value projection of the text computed once per batch instead of "
+                    "at every step (the text is the same at all 20): the same arithmetic, less of it "
+                    "(sccsdxl.text_cache)",
 }
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Dynamic quantization reads the whole input once per call, so it pays only where the matmul is wide next to
@@ -79,6 +82,7 @@ class Optimizations:
     fp8_attn_out: bool = False
     fused_norms: bool = False
     fused_group_norms: bool = False
+    text_kv_once: bool = False
     sdpa: str = "auto"
 
     @property
@@ -131,7 +135,7 @@ def fp8_capable(device: str) -> bool:
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
-             "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing"]
+             "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if triton_kernels else [])
@@ -367,6 +371,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         info["fused_group_norms"] = fuse_group_norms(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
+    if opts.text_kv_once:  # after fused_norms and quantize_, whose text projections it takes over as they are
+        from .text_cache import cache_text_projections
+
+        info["text_projections_once"] = len(cache_text_projections(pipe.unet).caches)
     if opts.compiles:
         info.update(configure_inductor(opts, cache_dir))
     if opts.compile:

@@ -71,19 +71,27 @@ def relative_error(test, reference) -> float:
     return float((test.float() - reference.float()).norm() / reference.float().norm())
 
 
-def tiny_unet_call(unet, device: str = "cpu", dtype=None):
-    """One fixed forward of a tiny UNet (2 rows), as a function returning a copy of its output (a CUDA graph
-    replay overwrites the output it returned before)."""
+def tiny_unet_inputs(unet, device: str = "cpu", dtype=None, seed: int = 1):
+    """A fixed latent, text and time-embedding input for a tiny UNet (2 rows): (sample, text, added_cond_kwargs)."""
     import torch
 
-    dtype = dtype or torch.bfloat16
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = unet.config
     sample = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
     text = torch.randn(2, 77, config.cross_attention_dim, device=device, dtype=dtype)
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     added = {"text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
              "time_ids": torch.rand(2, 6, device=device, dtype=dtype)}
+    return sample, text, added
+
+
+def tiny_unet_call(unet, device: str = "cpu", dtype=None):
+    """One fixed forward of a tiny UNet (2 rows), as a function returning a copy of its output (a CUDA graph
+    replay overwrites the output it returned before)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    sample, text, added = tiny_unet_inputs(unet, device, dtype)
 
     def call():
         with torch.inference_mode():

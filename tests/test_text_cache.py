@@ -9,23 +9,20 @@ from sccsdxl import text_cache as T
 from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline, make_runner
 
+from conftest import tiny_unet_inputs
+
 PROMPTS = ["a red bus", "a bowl of fruit"]
 
 
-def unet_inputs(unet, dtype=torch.float32):
-    """A fixed latent and time embedding input for a tiny UNet (2 rows), and a function making texts for it."""
-    torch.manual_seed(1)
-    config = unet.config
-    sample = torch.randn(2, 4, 32, 32, dtype=dtype)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled, dtype=dtype), "time_ids": torch.rand(2, 6, dtype=dtype)}
+def unet_inputs(unet, dtype=torch.float32, device="cpu"):
+    """A function running a tiny UNet (2 rows) on a fixed latent with a given text, and one making texts."""
+    sample, _, added = tiny_unet_inputs(unet, device, dtype)
 
     def run(model, text):
         with torch.no_grad():
             return model(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
-    return run, lambda seed: torch.randn(2, 77, config.cross_attention_dim, dtype=dtype,
-                                         generator=torch.Generator().manual_seed(seed))
+    return run, lambda seed: tiny_unet_inputs(unet, device, dtype, seed)[1]
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])  # to_k and to_v apart, or diffusers' fused to_kv
@@ -137,17 +134,12 @@ def test_compiled_and_graphed_regions_read_each_new_text_on_the_gpu(tmp_path, gr
     reference = copy.deepcopy(pipe.unet)
     options = "fuse_qkv,compile,compile_transformers,text_kv_once" + (",cuda_graphs" if graphs else "")
     quant.apply_optimizations(pipe, quant.parse_optimizations(options), tmp_path)
-    torch.manual_seed(1)
-    config = pipe.unet.config
-    sample = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled, device="cuda", dtype=torch.bfloat16),
-             "time_ids": torch.rand(2, 6, device="cuda", dtype=torch.bfloat16)}
+    run, text = unet_inputs(pipe.unet, torch.bfloat16, "cuda")
     with torch.inference_mode():
         for batch in range(3):
-            text = torch.randn(2, 77, config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
-            expected = reference(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+            batch_text = text(batch)
+            expected = run(reference, batch_text)
             for step in range(3):  # warm-up, recording, then replays with cuda_graphs
-                got = pipe.unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample.clone()
+                got = run(pipe.unet, batch_text).clone()
                 error = float((got.float() - expected.float()).norm() / expected.float().norm())
                 assert error < 2e-2, (batch, step, error)

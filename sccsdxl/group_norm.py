@@ -51,9 +51,10 @@ if triton is not None:
         """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2).
 
         The sums run elementwise over the tile and are reduced across its pixels once, after the loop: a reduction
-        across threads at every step held this kernel to a third of the GPU's read bandwidth. They are sums of
-        deviations from the slice's first pixel, so that the sum of squares does not cancel in fp32; the shift
-        moves every pixel of a channel alike, so it enters the mean alone."""
+        across threads at every step held this kernel to 0.6-1.2 TB/s on the H200, where a channel sum reads 2.7-3.6
+        (BENCHMARKS.md, session 10). They are sums of deviations from the slice's first pixel, so that the sum of
+        squares does not cancel in fp32; the shift moves every pixel of a channel alike, so it enters the mean
+        alone."""
         image = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -1,0 +1,86 @@
+"""What the GroupNorm statistics kernel's loop compiles to for an H200 (sm_90), without a GPU.
+
+Triton compiles the kernel ahead of time for sm_90 and its bundled ptxas reports registers and spills; the script
+counts, inside the loop over a slice's pixels, the barriers, shared-memory accesses and 16-byte global loads.
+A reduction across threads at every step shows as barriers and shared memory in the loop (BENCHMARKS.md, session
+10). With a git revision, the kernel as it was there is compiled too, for comparison. Runs on a CPU:
+  python3 benchmarks/group_norm_ptx.py [REVISION ...]
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, ".")
+from sccsdxl import group_norm  # noqa: E402
+
+SIGNATURE = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "n_pixels": "i32",
+             "n_channels": "i32", "pixels_per_slice": "i32", "n_slices": "i32", "HAS_SHIFT": "constexpr",
+             "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+TILES = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (128, 64, 8))  # (pixels, channels, warps)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def module_at(revision: str):
+    """sccsdxl/group_norm.py as it was at ``revision``, imported under a name of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:sccsdxl/group_norm.py"], capture_output=True, text=True,
+                            check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "group_norm_at_revision.py")
+    with open(path, "w") as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location("sccsdxl.group_norm_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loop_counts(ptx: str) -> dict:
+    """Barriers, shared-memory accesses and 16-byte loads between each loop's head and its backward branch."""
+    lines = ptx.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+    counts = {"barriers": 0, "shared accesses": 0, "16-byte loads": 0, "PTX lines": 0}
+    for i, line in enumerate(lines):
+        branch = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if branch and labels.get(branch.group(1), i) < i:
+            body = lines[labels[branch.group(1)]:i]
+            counts["barriers"] += sum("bar.sync" in x for x in body)
+            counts["shared accesses"] += sum("st.shared" in x or "ld.shared" in x for x in body)
+            counts["16-byte loads"] += sum("ld.global.v4" in x for x in body)
+            counts["PTX lines"] += len(body)
+    return counts
+
+
+def ptxas_report(ptx: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+        fh.write(ptx)
+    done = subprocess.run([PTXAS, "-v", "-arch=sm_90a", fh.name, "-o", os.devnull], capture_output=True, text=True)
+    registers = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return f"{registers.group(1) if registers else '?'} registers, {spills.group(1) if spills else '?'} B spilled"
+
+
+def main() -> None:
+    kernels = [("this tree", group_norm)] + [(revision, module_at(revision)) for revision in sys.argv[1:]]
+    print(f"Triton {triton.__version__}, sm_90\n")
+    print("| kernel | tile (pixels, channels, warps) | in the loop: barriers | shared accesses | 16-byte loads | "
+          "PTX lines | ptxas |\n|---|---|---|---|---|---|---|")
+    for name, module in kernels:
+        for block_p, block_c, warps in TILES:
+            source = ASTSource(module._slice_statistics_kernel.fn, SIGNATURE,
+                               constexprs={"HAS_SHIFT": False, "BLOCK_P": block_p, "BLOCK_C": block_c},
+                               attrs={(i,): [["tt.divisibility", 16]] for i in range(8)})
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                 options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
+            counts = loop_counts(ptx)
+            print(f"| {name} | ({block_p}, {block_c}, {warps}) | {counts['barriers']} | {counts['shared accesses']} "
+                  f"| {counts['16-byte loads']} | {counts['PTX lines']} | {ptxas_report(ptx)} |")
+
+
+if __name__ == "__main__":
+    main()

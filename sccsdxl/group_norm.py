@@ -36,6 +36,8 @@ def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch
 
 
 if triton is not None:
+    E4M3_MAX = tl.constexpr(448.0)  # the largest float8_e4m3fn value
+
     def _block_configs(blocks: tuple) -> list:
         """(pixels, channels, warps) per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
         return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in blocks]
@@ -106,13 +108,16 @@ if triton is not None:
         tl.store(group_mean_ptr + image * n_groups + group, mean)
         tl.store(group_rstd_ptr + image * n_groups + group, 1.0 / tl.sqrt(m2 / total + eps))
 
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU"])
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS),
+                     key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU", "FP8_OUT"])
     @triton.jit
     def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
-                          n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          out_scale_ptr, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr,
+                          SILU: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """(x + shift - mean) / std * weight + bias, SiLU, for a tile of one image's pixels and channels. The
-        normalized value is rounded to x's dtype before SiLU, as the unfused ops round it."""
+        normalized value is rounded to x's dtype before SiLU, as the unfused ops round it. With FP8_OUT the result
+        is written in e4m3, divided by the one scale at ``out_scale_ptr`` (benchmarks/resnet_fp8_h200.py: an fp8
+        convolution's input made where it is normalized)."""
         image = tl.program_id(0).to(tl.int64)
         pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -130,8 +135,10 @@ if triton is not None:
         bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
         out = (x - mean[None, :]) * scale[None, :] + bias[None, :]
         if SILU:
-            out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+            out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
             out = out * tl.sigmoid(out)
+        if FP8_OUT:
+            out = tl.clamp(out / tl.load(out_scale_ptr), -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     def _slices(n_images: int, n_pixels: int, n_channels: int) -> tuple[int, int]:
@@ -143,9 +150,10 @@ if triton is not None:
         return per_slice, triton.cdiv(n_pixels, per_slice)
 
     def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
-                stat_config: dict | None = None, normalize_config: dict | None = None) -> None:
-        """Run the three kernels on channels_last ``x`` (N, C, H, W) and ``shift`` (N, C) or None, writing ``out``. A
-        config given runs that configuration directly."""
+                stat_config: dict | None = None, normalize_config: dict | None = None,
+                out_scale: torch.Tensor | None = None) -> None:
+        """Run the three kernels on channels_last ``x`` (N, C, H, W) and ``shift`` (N, C) or None, writing ``out``
+        (e4m3 divided by ``out_scale`` when one is given). A config given runs that configuration directly."""
         slice_kernel, group_kernel, normalize_kernel = kernels
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
@@ -164,8 +172,8 @@ if triton is not None:
             BLOCK_S=triton.next_power_of_2(n_slices), BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
         norm = normalize_config or {}
         normalize_kernel[_grid(n_images, n_pixels, n_channels, norm, pixels=True)](
-            x, shift, group_mean, group_rstd, weight, bias, out, n_pixels, n_channels, n_groups,
-            HAS_SHIFT=has_shift, SILU=silu, **norm)
+            x, shift, group_mean, group_rstd, weight, bias, out, group_mean if out_scale is None else out_scale,
+            n_pixels, n_channels, n_groups, HAS_SHIFT=has_shift, SILU=silu, FP8_OUT=out_scale is not None, **norm)
 
     def _grid(n_images: int, rows: int, n_channels: int, config: dict, pixels: bool):
         """(image, slice or pixel block, channel block): from ``config`` when run directly, else the tuned one's."""
@@ -177,14 +185,15 @@ if triton is not None:
     _KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalize_kernel)
 
     def run_group_norm_config(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None, silu: bool,
-                              out: torch.Tensor, stat_block: tuple[int, ...], normalize_block: tuple[int, ...]) -> None:
+                              out: torch.Tensor, stat_block: tuple[int, ...], normalize_block: tuple[int, ...],
+                              out_scale: torch.Tensor | None = None) -> None:
         """One configuration of each tuned kernel, (BLOCK_P, BLOCK_C) or (BLOCK_P, BLOCK_C, warps), run directly:
-        for tests and benchmarks."""
+        for tests and benchmarks. With ``out_scale`` (one fp32 value) ``out`` is e4m3, the result divided by it."""
         stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": (*stat_block, 4)[2]}
         normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1],
                      "num_warps": (*normalize_block, 4)[2]}
         _launch((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x,
-                shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat, normalize)
+                shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat, normalize, out_scale)
 
     @triton_op("sccsdxl::group_norm_nhwc", mutates_args=())
     def _group_norm_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,

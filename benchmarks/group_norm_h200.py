@@ -42,9 +42,7 @@ for name, side, channels in SHAPES:
     for with_shift, silu in ((False, False), (False, True), (True, True)):
         shape = f"{name} | {'shift' if with_shift else '-'}, {'SiLU' if silu else '-'}"
         given = shift if with_shift else None
-        plans = [(stat, G.NORMALIZE_BLOCKS[0]) for stat in G.STATISTICS_BLOCKS]
-        plans += [(G.STATISTICS_BLOCKS[0], normalize) for normalize in G.NORMALIZE_BLOCKS[1:]]
-        for stat, normalize in plans:  # (pixels, channels, warps) of each kernel
+        for stat, normalize in G.each_tuning_choice():  # (pixels, channels, warps) of each kernel
             print(bandwidth_row(shape, f"kernels, statistics {stat}, normalizing {normalize}",
                                 lambda: G.run_group_norm_config(x, norm, given, silu, out, stat, normalize),
                                 moved, reps=20))

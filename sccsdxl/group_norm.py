@@ -189,11 +189,19 @@ if triton is not None:
                               out_scale: torch.Tensor | None = None) -> None:
         """One configuration of each tuned kernel, (BLOCK_P, BLOCK_C) or (BLOCK_P, BLOCK_C, warps), run directly:
         for tests and benchmarks. With ``out_scale`` (one fp32 value) ``out`` is e4m3, the result divided by it."""
-        stat = {"BLOCK_P": stat_block[0], "BLOCK_C": stat_block[1], "num_warps": (*stat_block, 4)[2]}
-        normalize = {"BLOCK_P": normalize_block[0], "BLOCK_C": normalize_block[1],
-                     "num_warps": (*normalize_block, 4)[2]}
         _launch((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x,
-                shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, stat, normalize, out_scale)
+                shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, out, _direct_config(stat_block),
+                _direct_config(normalize_block), out_scale)
+
+    def _direct_config(block: tuple[int, ...]) -> dict:
+        """(BLOCK_P, BLOCK_C[, warps]) as a kernel launch's keywords (4 warps unless given)."""
+        return {"BLOCK_P": block[0], "BLOCK_C": block[1], "num_warps": (*block, 4)[2]}
+
+    def each_tuning_choice() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+        """(statistics tile, normalizing tile) pairs that between them run every tile each kernel's tuning may
+        choose, the other kernel's at its first: what tests and benchmarks run through run_group_norm_config."""
+        return ([(stat, NORMALIZE_BLOCKS[0]) for stat in STATISTICS_BLOCKS]
+                + [(STATISTICS_BLOCKS[0], normalize) for normalize in NORMALIZE_BLOCKS[1:]])
 
     @triton_op("sccsdxl::group_norm_nhwc", mutates_args=())
     def _group_norm_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,

@@ -154,6 +154,13 @@ def test_statistics_slices_fill_the_gpu_and_cover_every_pixel_once():
         assert programs >= min(n_images * n_pixels, G.SLICES_PER_SM * sms)  # the GPU filled, where pixels allow
 
 
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_tuning_choices_run_every_tile_of_each_kernel():
+    plans = G.each_tuning_choice()
+    assert {stat for stat, _ in plans} == set(G.STATISTICS_BLOCKS)
+    assert {normalize for _, normalize in plans} == set(G.NORMALIZE_BLOCKS)
+
+
 @pytest.mark.skipif(fused.triton is None or fused.available(),
                     reason="needs the triton package; on a GPU the tests below run the compiled kernels themselves")
 def test_kernels_in_tritons_cpu_interpreter_normalize_each_group():
@@ -184,10 +191,7 @@ def test_kernels_match_the_reference(channels, size):
             got = G.group_norm(x, norm, shift if with_shift else None, silu)
             assert got.is_contiguous(memory_format=torch.channels_last)
             assert relative_error(got, expected) < 4e-3, (with_shift, silu)
-            # every configuration the tuning may pick, of each kernel
-            plans = [(stat, G.NORMALIZE_BLOCKS[0]) for stat in G.STATISTICS_BLOCKS]
-            plans += [(G.STATISTICS_BLOCKS[0], normalize) for normalize in G.NORMALIZE_BLOCKS[1:]]
-            for stat, normalize in plans:
+            for stat, normalize in G.each_tuning_choice():  # every configuration the tuning may pick, of each kernel
                 out = torch.empty_like(x)
                 G.run_group_norm_config(x, norm, shift if with_shift else None, silu, out, stat, normalize)
                 assert relative_error(out, expected) < 4e-3, (with_shift, silu, stat, normalize)

@@ -15,7 +15,6 @@ from kernel_bench import bandwidth_row, print_row_table  # noqa: E402
 
 ROWS = 50  # UNet rows: batch 25 with guidance
 SHAPES = [("128x128, 320 ch", 128, 320), ("64x64, 640 ch", 64, 640), ("32x32, 1280 ch", 32, 1280)]
-SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def statistics(x, per_slice: int, block_p: int, block_c: int, warps: int):
@@ -36,9 +35,9 @@ def normalizing(x, norm, out, block_p: int, block_c: int, warps: int):
     mean = torch.zeros((n, norm.num_groups), device=x.device)
     rstd = torch.ones_like(mean)
     grid = (n, triton.cdiv(h * w, block_p), triton.cdiv(c, block_c))
-    return lambda: G._normalize_kernel.fn[grid](x, x, mean, rstd, norm.weight, norm.bias, out, h * w, c,
-                                                norm.num_groups, HAS_SHIFT=False, SILU=True, BLOCK_P=block_p,
-                                                BLOCK_C=block_c, num_warps=warps)
+    return lambda: G._normalize_kernel.fn[grid](x, x, mean, rstd, norm.weight, norm.bias, out, mean, h * w, c,
+                                                norm.num_groups, HAS_SHIFT=False, SILU=True, FP8_OUT=False,
+                                                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
 
 
 print_row_table("| shape | work | ms | GB/s |")
@@ -52,8 +51,7 @@ for name, side, channels in SHAPES:
     print(bandwidth_row(name, "channel sum, torch (read)", lambda: x.sum(dim=(2, 3)), one_pass, reps=20))
     per_slice_now, _ = G._slices(ROWS, side * side, channels)
     for slices_per_sm in (2, 8, 32):
-        wanted = triton.cdiv(slices_per_sm * SMS, ROWS * triton.cdiv(channels, G.STAT_CHANNELS))
-        per_slice = triton.cdiv(side * side, max(1, min(wanted, side * side)))
+        per_slice, _ = G._slices(ROWS, side * side, channels, slices_per_sm)
         for block_p, block_c, warps in ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8),
                                         (16, 256, 4), (32, 256, 8)):
             label = (f"statistics, {per_slice} pixels per slice ({slices_per_sm}/SM; now {per_slice_now}), "

@@ -141,11 +141,12 @@ if triton is not None:
             out = tl.clamp(out / tl.load(out_scale_ptr), -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def _slices(n_images: int, n_pixels: int, n_channels: int) -> tuple[int, int]:
-        """(pixels per slice, slices per image): enough statistics programs to fill the GPU, each slice non-empty."""
+    def _slices(n_images: int, n_pixels: int, n_channels: int, per_sm: int = SLICES_PER_SM) -> tuple[int, int]:
+        """(pixels per slice, slices per image): ``per_sm`` statistics programs per multiprocessor, to fill the GPU,
+        each slice non-empty."""
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
             if torch.cuda.is_available() else 132
-        wanted = triton.cdiv(SLICES_PER_SM * sms, n_images * triton.cdiv(n_channels, STAT_CHANNELS))
+        wanted = triton.cdiv(per_sm * sms, n_images * triton.cdiv(n_channels, STAT_CHANNELS))
         per_slice = triton.cdiv(n_pixels, max(1, min(wanted, n_pixels)))
         return per_slice, triton.cdiv(n_pixels, per_slice)
 

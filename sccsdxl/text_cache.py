@@ -3,11 +3,12 @@
 The pipeline hands the UNet the same text embeddings at all 20 denoising steps of a batch, so every
 cross-attention projects the same 77 tokens to the same keys and values 20 times: about 2.6 TFLOP per UNet
 forward at batch 25 with guidance (70 blocks, 2,048 -> 2 x 1,280 or 2 x 640); on an H200 the UNet's bf16 GEMM
-time rose by 4.1 ms when these projections left fp8 (BENCHMARKS.md, session 9). Here each of those projections is a TextProjectionCache that returns what it
-computed when the text last changed; a forward pre-hook on the UNet recomputes them, outside the compiled regions,
-only when the UNet is given a different text tensor (or the same one changed in place). The arithmetic is the
-same: the projection is the same module on the same input, run once instead of 20 times. The price is memory:
-one batch's projections stay on the GPU, about 1.3 GB at batch 25 with guidance in bf16 (2.6 GB at batch 50).
+time rose by 4.1 ms when these projections left fp8 (BENCHMARKS.md, session 9). Here each of those
+projections is a TextProjectionCache that returns what it computed when the text last changed; a forward pre-hook
+on the UNet recomputes them, outside the compiled regions, only when the UNet is given a different text tensor (or
+the same one changed in place). The arithmetic is the same: the projection is the same module on the same input,
+run once instead of 20 times. The price is memory: one batch's projections stay on the GPU, about 1.3 GB at batch
+25 with guidance in bf16 (2.6 GB at batch 50).
 """
 from __future__ import annotations
 

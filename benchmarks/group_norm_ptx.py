@@ -1,7 +1,7 @@
 """What the GroupNorm statistics kernel's loop compiles to for an H200 (sm_90), without a GPU.
 
-Triton compiles the kernel ahead of time for sm_90 and its bundled ptxas reports registers and spills; the script
-counts, inside the loop over a slice's pixels, the barriers, shared-memory accesses and 16-byte global loads.
+Triton compiles the kernel ahead of time for sm_90 and the ptxas it assembles with reports registers and spills; the
+script counts, inside the loop over a slice's pixels, the barriers, shared-memory accesses and 16-byte global loads.
 A reduction across threads at every step shows as barriers and shared memory in the loop (BENCHMARKS.md, session
 10). With a git revision, the kernel as it was there is compiled too, for comparison. Runs on a CPU:
   python3 benchmarks/group_norm_ptx.py [REVISION ...]
@@ -15,6 +15,7 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 sys.path.insert(0, ".")
@@ -24,7 +25,11 @@ SIGNATURE = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "mean_ptr": "*fp32", "m2_pt
              "n_channels": "i32", "pixels_per_slice": "i32", "n_slices": "i32", "HAS_SHIFT": "constexpr",
              "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
 TILES = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (128, 64, 8))  # (pixels, channels, warps)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_path() -> str:
+    """The ptxas Triton itself assembles with (TRITON_PTXAS_PATH, else the one in the triton package)."""
+    return get_ptxas(90).path
 
 
 def module_at(revision: str):
@@ -59,7 +64,11 @@ def loop_counts(ptx: str) -> dict:
 def ptxas_report(ptx: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
         fh.write(ptx)
-    done = subprocess.run([PTXAS, "-v", "-arch=sm_90a", fh.name, "-o", os.devnull], capture_output=True, text=True)
+    done = subprocess.run([ptxas_path(), "-v", "-arch=sm_90a", fh.name, "-o", os.devnull], capture_output=True,
+                          text=True)
+    if done.returncode != 0:  # the message goes in the table, so that a run elsewhere shows why
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"ptxas failed ({done.returncode}): {last}"
     registers = re.search(r"Used (\d+) registers", done.stderr)
     spills = re.search(r"(\d+) bytes spill stores", done.stderr)
     return f"{registers.group(1) if registers else '?'} registers, {spills.group(1) if spills else '?'} B spilled"

@@ -8,7 +8,8 @@ projections is a TextProjectionCache that returns what it computed when the text
 on the UNet recomputes them, outside the compiled regions, only when the UNet is given a different text tensor (or
 the same one changed in place). The arithmetic is the same: the projection is the same module on the same input,
 run once instead of 20 times. The price is memory: one batch's projections stay on the GPU, about 1.3 GB at batch
-25 with guidance in bf16 (2.6 GB at batch 50).
+25 with guidance in bf16 (2.6 GB at batch 50). Through loadgen on an H200 at batch 50 it gained 1.2 % (2.029
+against 2.006 samples/s) for 2.4 GiB more peak memory (BENCHMARKS.md, session 11).
 """
 from __future__ import annotations
 

@@ -263,8 +263,10 @@ def test_compiled_resnet_block_starts_warm_from_the_disk_cache_in_a_new_process(
 
 
 def _ptxas_ships_with_triton() -> bool:
-    return fused.triton is not None and os.path.exists(
-        os.path.join(os.path.dirname(fused.triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    if fused.triton is None:
+        return False
+    from triton.backends.nvidia.compiler import get_ptxas
+    return os.path.exists(get_ptxas(90).path)
 
 
 @pytest.mark.skipif(not _ptxas_ships_with_triton(), reason="needs the triton package with its ptxas (it compiles "
@@ -281,4 +283,5 @@ def test_the_statistics_loop_compiles_for_hopper_without_a_barrier_per_step():
             if line.startswith("| this tree")]
     assert len(rows) == 4
     for _, tile, barriers, shared, loads, _, ptxas in rows:
-        assert (barriers, shared) == ("0", "0") and int(loads) > 0 and "0 B spilled" in ptxas, tile
+        assert (barriers, shared) == ("0", "0") and int(loads) > 0, tile
+        assert ptxas.endswith(" 0 B spilled"), f"{tile}: {ptxas}"

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error, run_experiment  # noqa: E402
+from kernel_bench import (FP8, FP8_MAX, gpu_ms, grouped_tile, quantize_tensor, relative_error,  # noqa: E402
+                          run_experiment)
 
 
 # (name, rows, size, in channels, out channels, kernel, stride): the UNet's 3x3 convolutions at 50 rows
@@ -67,11 +68,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, M, H, W, OH, OW, C_IN
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(C_OUT, BN)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

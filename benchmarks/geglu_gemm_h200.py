@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import FP8, FP8_MAX, gpu_ms, relative_error, run_experiment  # noqa: E402
+from kernel_bench import FP8, FP8_MAX, gpu_ms, grouped_tile, relative_error, run_experiment  # noqa: E402
 
 sys.path.insert(0, ".")
 from sccsdxl import fused  # noqa: E402
@@ -58,11 +58,7 @@ def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, out_scal
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = N // BN
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

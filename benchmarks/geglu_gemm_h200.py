@@ -41,19 +41,21 @@ INTERPRETER_CONFIG = {"BM": 16, "BK": 32, "GROUP_M": 2}  # Triton's CPU interpre
 
 def _configs() -> list:
     return [triton.Config({"BM": bm, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
-            # two BM x 128 fp32 accumulators: compiled for sm_90 on a CPU (as group_norm_ptx.py does), 190-207
-            # registers and no spills for these; BM 128 with 4 warps spilled, BM 256 would not fit
+            # two BM x 128 fp32 accumulators: compiled for sm_90 on a CPU (as group_norm_ptx.py does), BM 128 with
+            # 8 warps took 222-232 registers and no spills, BM 64 with 4 warps spilled 28-72 bytes, BM 128 with 4
+            # warps 1.7-2.1 kB (left out); BM 256 would not fit
             for bm, bk, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (64, 128, 4, 4),
                                           (64, 64, 4, 5)]]
 
 
 @triton.autotune(configs=_configs(), key=["M", "K", "N", "FP8_OUT"])
 @triton.jit
-def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, out_scale_ptr, M, K, N,
+def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,
                        FP8_OUT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[m, j] = value * gelu(gate), value = x[m] . w[j] and gate = x[m] . w[N + j] with their row scales, for
-    BM rows and 128 columns; with FP8_OUT in e4m3, each row's 128 values divided by their own scale, stored at
-    out_scale[block, m] (so that its transpose is the (rows, blocks) scale tensor, rows contiguous)."""
+    """out[m, j] = value * gelu(gate), value = x[m] . w[j] + bias[j] and gate = x[m] . w[N + j] + bias[N + j] with
+    their row scales, for BM rows and 128 columns; with FP8_OUT in e4m3, each row's 128 values divided by their own
+    scale, stored at out_scale[block, m] (so that its transpose is the (rows, blocks) scale tensor, rows
+    contiguous)."""
     BN: tl.constexpr = 128
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -76,8 +78,8 @@ def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, out_scal
         value_at += BK
         gate_at += BK
     x_scale = tl.load(x_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
-    value *= x_scale * tl.load(w_scale_ptr + rn)[None, :]
-    gate *= x_scale * tl.load(w_scale_ptr + N + rn)[None, :]
+    value = value * x_scale * tl.load(w_scale_ptr + rn)[None, :] + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    gate = gate * x_scale * tl.load(w_scale_ptr + N + rn)[None, :] + tl.load(bias_ptr + N + rn).to(tl.float32)[None, :]
     out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
     at = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if FP8_OUT:
@@ -87,30 +89,22 @@ def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, out_scal
     tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-def geglu_gemm(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               fp8_out: bool, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (rows, K) e4m3 with (rows, 1) scales; weight (2n, K) e4m3, value rows then gate rows, with (2n,) scales
-    -> GEGLU (rows, n): bf16, or e4m3 with (rows, n / 128) scales whose rows are contiguous."""
+def geglu_gemm(x: torch.Tensor, x_scale: torch.Tensor, up: fused.Fp8RowWeight, fp8_out: bool,
+               config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (rows, K) e4m3 with (rows, 1) scales; ``up`` the GEGLU projection's fp8 weight (2n, K), value rows then gate
+    rows, with its (1, 2n) scales and its bias -> GEGLU (rows, n): bf16, or e4m3 with (rows, n / 128) scales whose
+    rows are contiguous."""
     rows, k = x.shape
-    n = weight.shape[0] // 2
+    n = up.weight.shape[0] // 2
     if n % BLOCK or k % 128:
         raise ValueError(f"the GEGLU width ({n}) and the model width ({k}) must be multiples of 128")
     out = torch.empty(rows, n, device=x.device, dtype=FP8 if fp8_out else torch.bfloat16)
     scales = torch.empty(n // BLOCK, rows, device=x.device, dtype=torch.float32) if fp8_out else None
     grid = lambda meta: (triton.cdiv(rows, meta["BM"]) * (n // BLOCK),)  # noqa: E731
     kernel = _geglu_gemm_kernel if config is None else _geglu_gemm_kernel.fn
-    kernel[grid](x, x_scale, weight, weight_scale, out, scales if fp8_out else x_scale, rows, k, n,
+    kernel[grid](x, x_scale, up.weight, up.scale, up.bias, out, scales if fp8_out else x_scale, rows, k, n,
                  FP8_OUT=fp8_out, **(config or {}))
     return out, (scales.t() if fp8_out else None)
-
-
-def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (out, in) weight in e4m3 with one scale per 128x128 block: (out, in) values, (out / 128, in / 128)."""
-    rows, cols = weight.shape
-    blocks = weight.float().reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
-    values = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(rows, cols)
-    return values, scale
 
 
 def quantize_row_blocks(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,94 +120,108 @@ def expand_blocks(scale: torch.Tensor, rows_per: int, cols_per: int) -> torch.Te
     return scale.repeat_interleave(rows_per, dim=0).repeat_interleave(cols_per, dim=1)
 
 
-def blockwise_down(values: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   dequantized: bool = False) -> torch.Tensor:
-    """(rows, n) e4m3 with (rows, n / 128) scales times the down weight (out, n) e4m3 with (out / 128, n / 128)
-    block scales -> (rows, out) bf16: torch._scaled_mm's blockwise path, or the same product from dequantized
-    values (the CPU, and the check that the GPU read the scales as meant)."""
-    if dequantized:
-        x = values.float() * expand_blocks(scales, 1, BLOCK)
-        w = weight.float() * expand_blocks(weight_scale, BLOCK, BLOCK)
-        return (x @ w.t()).to(torch.bfloat16)
-    return torch._scaled_mm(values, weight.t(), scale_a=scales, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
+class BlockWeight:
+    """A linear's weight in e4m3 with one scale per 128x128 block, and its bias: the down projection of the
+    blockwise path."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        rows, cols = linear.weight.shape
+        blocks = linear.weight.detach().float().reshape(rows // BLOCK, BLOCK, cols // BLOCK, BLOCK)
+        self.scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)  # (out / 128, in / 128)
+        self.weight = (blocks / self.scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(rows, cols)
+        self.bias = linear.bias.detach()
+        self.bias_in_gemm = True  # until cuBLAS refuses it
+
+    def matmul(self, values: torch.Tensor, scales: torch.Tensor, dequantized: bool = False) -> torch.Tensor:
+        """(rows, in) e4m3 with (rows, in / 128) scales -> (rows, out) bf16: torch._scaled_mm's blockwise path, or
+        the same product from dequantized values (the CPU, and the check that the GPU reads the scales as meant)."""
+        if dequantized:
+            x = values.float() * expand_blocks(scales, 1, BLOCK)
+            w = self.weight.float() * expand_blocks(self.scale, BLOCK, BLOCK)
+            return (x @ w.t() + self.bias.float()).to(torch.bfloat16)
+        if self.bias_in_gemm:
+            try:
+                return torch._scaled_mm(values, self.weight.t(), scale_a=scales, scale_b=self.scale.t(),
+                                        bias=self.bias, out_dtype=torch.bfloat16)
+            except (RuntimeError, ValueError):  # not every scaling takes a bias: then it is added apart
+                self.bias_in_gemm = False
+        return torch._scaled_mm(values, self.weight.t(), scale_a=scales, scale_b=self.scale.t(),
+                                out_dtype=torch.bfloat16) + self.bias
 
 
-def case(rows: int, width: int, n: int, device: str) -> tuple[torch.Tensor, ...]:
-    """A LayerNorm'd input and diffusers-like weights (kaiming-uniform scale, small biases dropped: the kit's fp8
-    projections carry the bias in the GEMM, which all paths here leave out alike)."""
-    x = F.layer_norm(torch.randn(rows, width, device=device), (width,)).to(torch.bfloat16)
-    up = ((torch.rand(2 * n, width, device=device) * 2 - 1) / width ** 0.5).to(torch.bfloat16)
-    down = ((torch.rand(width, n, device=device) * 2 - 1) / n ** 0.5).to(torch.bfloat16)
-    return x, up, down
+def linears(width: int, n: int, device: str) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """The feed-forward's GEGLU projection (width -> 2n) and down projection (n -> width), initialised as
+    torch.nn.Linear does (diffusers' trained weights are not here; the error columns compare paths, nothing more)."""
+    up, down = torch.nn.Linear(width, 2 * n, device=device), torch.nn.Linear(n, width, device=device)
+    return up.to(torch.bfloat16).requires_grad_(False), down.to(torch.bfloat16).requires_grad_(False)
 
 
-def reference(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    value, gate = (x.float() @ up.float().t()).chunk(2, dim=-1)
-    return (value * F.gelu(gate)) @ down.float().t()
+def reference(x: torch.Tensor, up: torch.nn.Linear, down: torch.nn.Linear) -> torch.Tensor:
+    """The feed-forward in fp32: diffusers' GEGLU (value, gate halves, exact GELU), then the down projection."""
+    value, gate = F.linear(x.float(), up.weight.float(), up.bias.float()).chunk(2, dim=-1)
+    return F.linear(value * F.gelu(gate), down.weight.float(), down.bias.float())
 
 
 def run_case(name: str, rows: int, width: int, n: int, device: str, timed: bool) -> str:
-    x, up, down = case(rows, width, n, device)
+    x = F.layer_norm(torch.randn(rows, width, device=device), (width,)).to(torch.bfloat16)  # what a LayerNorm feeds
+    up, down = linears(width, n, device)
     truth = reference(x, up, down)
     x_q, x_scale = fused.quantize_rows(x)
-    up_rows = torch.nn.Linear(width, 2 * n, bias=False, device=device)
-    up_rows.weight.data = up
-    up_q = fused.Fp8RowWeight(up_rows)
-    down_rows = torch.nn.Linear(n, width, bias=False, device=device)
-    down_rows.weight.data = down
-    down_q = fused.Fp8RowWeight(down_rows)
-    down_blocks, down_block_scale = quantize_blocks(down)
+    up_q, down_q, down_blocks = fused.Fp8RowWeight(up), fused.Fp8RowWeight(down), BlockWeight(down)
     config = None if timed else INTERPRETER_CONFIG
-    up_scale = up_q.scale.reshape(-1).contiguous()
 
     def kit() -> torch.Tensor:  # fused_geglu today: GEMM to bf16, the GEGLU + row kernel, row-scaled down GEMM
         hidden = up_q.matmul(x_q, x_scale, torch.bfloat16)
         return down_q.matmul(*fused.geglu_fp8_rows(hidden), torch.bfloat16)
 
     def fused_rows() -> torch.Tensor:  # the GEGLU inside the GEMM, bf16 out; then the same row quantization
-        geglu, _ = geglu_gemm(x_q, x_scale, up_q.weight, up_scale, False, config)
+        geglu, _ = geglu_gemm(x_q, x_scale, up_q, False, config)
         return down_q.matmul(*fused.fp8_rows(geglu), torch.bfloat16)
 
     def fused_blocks(dequantized: bool = False) -> torch.Tensor:  # fp8 blocks out, blockwise down GEMM
-        geglu, scales = geglu_gemm(x_q, x_scale, up_q.weight, up_scale, True, config)
-        return blockwise_down(geglu, scales, down_blocks, down_block_scale, dequantized)
+        return down_blocks.matmul(*geglu_gemm(x_q, x_scale, up_q, True, config), dequantized)
 
-    geglu, _ = geglu_gemm(x_q, x_scale, up_q.weight, up_scale, False, config)
-    dequantized_up = up_q.weight.float() * up_scale[:, None]
-    value, gate = ((x_q.float() * x_scale) @ dequantized_up.t()).chunk(2, dim=-1)
+    geglu, _ = geglu_gemm(x_q, x_scale, up_q, False, config)
+    dequantized_up = up_q.weight.float() * up_q.scale.reshape(-1, 1)
+    value, gate = F.linear(x_q.float() * x_scale, dequantized_up, up.bias.float()).chunk(2, dim=-1)
     # the kernel's e4m3 blocks against torch's rounding of its bf16 output (Triton's interpreter rounds e4m3 wrongly
     # where rounding carries into the exponent, BENCHMARKS.md, session 10: on a CPU only the torch column is exact)
-    _, kernel_scales = geglu_gemm(x_q, x_scale, up_q.weight, up_scale, True, config)
+    _, kernel_scales = geglu_gemm(x_q, x_scale, up_q, True, config)
     torch_blocks, torch_scales = quantize_row_blocks(geglu)
-    torch_rounded = blockwise_down(torch_blocks, torch_scales, down_blocks, down_block_scale, dequantized=True)
+    torch_rounded = down_blocks.matmul(torch_blocks, torch_scales, dequantized=True)
     scales_differ = float(((kernel_scales - torch_scales).abs() / torch_scales).max())
     row = (f"| {name} | {relative_error(geglu, value * F.gelu(gate)):.4f} | {scales_differ:.4f} | "
            f"{relative_error(kit(), truth):.4f} | {relative_error(fused_rows(), truth):.4f} | "
            f"{relative_error(fused_blocks(True), truth):.4f} | {relative_error(torch_rounded, truth):.4f} |")
-    if not timed:
-        return row
+    return row + timings(rows, width, n, x_q, x_scale, up_q, down_q, down_blocks, kit, fused_rows, fused_blocks) \
+        if timed else row
+
+
+def timings(rows, width, n, x_q, x_scale, up_q, down_q, down_blocks, kit, fused_rows, fused_blocks) -> str:
+    """The timed columns of one shape's row (GPU only)."""
     try:  # cuBLAS's blockwise GEMM (CUDA 12.9 and later, Hopper): does it read the scales as meant?
         layout = f"{relative_error(fused_blocks(), fused_blocks(True)):.4f}"
+        layout += "" if down_blocks.bias_in_gemm else " (bias added apart)"
     except (RuntimeError, ValueError) as error:  # torch raises either, by the check that fails
         layout = f"refused: {str(error).splitlines()[0][:200]}"
     flop_up, flop_down = 2 * rows * width * 2 * n, 2 * rows * n * width
     hidden = up_q.matmul(x_q, x_scale, torch.bfloat16)
     rows_q = fused.geglu_fp8_rows(hidden)
-    blocks_q = geglu_gemm(x_q, x_scale, up_q.weight, up_scale, True)
     ms = {"kit": gpu_ms(kit), "rows": gpu_ms(fused_rows),
           "up": gpu_ms(lambda: up_q.matmul(x_q, x_scale, torch.bfloat16)),
           "geglu": gpu_ms(lambda: fused.geglu_fp8_rows(hidden)),
           "down": gpu_ms(lambda: down_q.matmul(*rows_q, torch.bfloat16)),
-          "fused bf16": gpu_ms(lambda: geglu_gemm(x_q, x_scale, up_q.weight, up_scale, False)),
-          "fused fp8": gpu_ms(lambda: geglu_gemm(x_q, x_scale, up_q.weight, up_scale, True))}
+          "fused bf16": gpu_ms(lambda: geglu_gemm(x_q, x_scale, up_q, False)),
+          "fused fp8": gpu_ms(lambda: geglu_gemm(x_q, x_scale, up_q, True))}
     blocks = "- | - | -"
     if not layout.startswith("refused"):
+        blocks_q = geglu_gemm(x_q, x_scale, up_q, True)
         ms["blocks"] = gpu_ms(fused_blocks)
-        ms["down blocks"] = gpu_ms(lambda: blockwise_down(*blocks_q, down_blocks, down_block_scale))
+        ms["down blocks"] = gpu_ms(lambda: down_blocks.matmul(*blocks_q))
         blocks = (f"{ms['blocks']:.3f} | {ms['kit'] / ms['blocks']:.2f}x | "
                   f"{ms['down blocks']:.3f} ({flop_down / ms['down blocks'] / 1e9:.0f})")
     best = _geglu_gemm_kernel.best_config
-    return (row + f" {layout} | {ms['kit']:.3f} | {ms['rows']:.3f} | {ms['kit'] / ms['rows']:.2f}x | "
+    return (f" {layout} | {ms['kit']:.3f} | {ms['rows']:.3f} | {ms['kit'] / ms['rows']:.2f}x | "
             f"{ms['up']:.3f} ({flop_up / ms['up'] / 1e9:.0f}) + {ms['geglu']:.3f} + "
             f"{ms['down']:.3f} ({flop_down / ms['down'] / 1e9:.0f}) | {ms['fused bf16']:.3f} "
             f"({flop_up / ms['fused bf16'] / 1e9:.0f}) / {ms['fused fp8']:.3f} "

@@ -22,8 +22,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_bench import (FP8, FP8_MAX, gpu_ms, grouped_tile, quantize_tensor, relative_error,  # noqa: E402
-                          run_experiment)
+from kernel_bench import FP8, FP8_MAX, gpu_ms, quantize_tensor, relative_error, run_experiment  # noqa: E402
+
+sys.path.insert(0, ".")
+from sccsdxl.ffn_gemm import grouped_tile  # noqa: E402  the tile order of sccsdxl's GEMM kernel
 
 
 # (name, rows, size, in channels, out channels, kernel, stride): the UNet's 3x3 convolutions at 50 rows

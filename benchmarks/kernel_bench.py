@@ -1,11 +1,9 @@
 """Shared by the kernel benchmarks in this directory: GPU timing, the row kernels' shapes and table rows, per-tensor
-e4m3 quantization, the GEMM kernels' tile order, the error measure, the table loops of the fp8 and cudnn-frontend experiments, and the attention
+e4m3 quantization, the error measure, the table loops of the fp8 and cudnn-frontend experiments, and the attention
 experiments' shapes and head split."""
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -25,16 +23,6 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 values with one scale for the whole tensor (dynamic, per tensor)."""
     scale = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-@triton.jit
-def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """The (row block, column block) of program ``pid``, GROUP_M row blocks at a time down each column, so that
-    neighbouring programs share their input rows and weight columns in the L2 cache."""
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
 
 
 def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:

@@ -380,7 +380,8 @@ def _plain_attention(attention: torch.nn.Module) -> bool:
 
 def can_fuse_block(block: torch.nn.Module) -> bool:
     """A BasicTransformerBlock as SDXL builds it, after fuse_qkv: LayerNorms with weights and biases, fused q/k/v
-    self-attention, cross-attention with fused k/v, a GEGLU feed-forward (or its fused_geglu form)."""
+    self-attention, cross-attention with fused k/v, a GEGLU feed-forward (or its fused_geglu or fused_ffn_gemm
+    form)."""
     if type(block).__name__ != "BasicTransformerBlock" or block.norm_type != "layer_norm":
         return False
     if (block.pos_embed is not None or block.only_cross_attention or block._chunk_size is not None
@@ -391,7 +392,13 @@ def can_fuse_block(block: torch.nn.Module) -> bool:
         return False
     attn1, attn2 = block.attn1, block.attn2
     return (hasattr(attn1, "to_qkv") and hasattr(attn2, "to_kv") and _plain_attention(attn1) and _plain_attention(attn2)
-            and (isinstance(block.ff, Fp8GegluFeedForward) or is_geglu_feed_forward(block.ff)))
+            and (isinstance(block.ff, Fp8GegluFeedForward) or _takes_fp8_rows(block.ff)
+                 or is_geglu_feed_forward(block.ff)))
+
+
+def _takes_fp8_rows(feed_forward: torch.nn.Module) -> bool:
+    """fused_ffn_gemm's feed-forward (sccsdxl.ffn_gemm), which runs from the norm kernel's fp8 rows as they are."""
+    return callable(getattr(feed_forward, "from_fp8", None))
 
 
 class Fp8TransformerBlock(torch.nn.Module):
@@ -408,7 +415,10 @@ class Fp8TransformerBlock(torch.nn.Module):
         self.qkv, self.out1 = Fp8RowWeight(attn1.to_qkv), _row_weight(attn1.to_out[0])
         self.q2, self.kv2, self.out2 = Fp8RowWeight(attn2.to_q), attn2.to_kv, _row_weight(attn2.to_out[0])
         ff = block.ff
-        if isinstance(ff, Fp8GegluFeedForward):
+        self.feed_forward = ff if _takes_fp8_rows(ff) else None
+        if self.feed_forward is not None:
+            self.up = self.down = None
+        elif isinstance(ff, Fp8GegluFeedForward):
             self.up, self.down = Fp8RowWeight(ff.proj), ff.down
         else:
             self.up, self.down = Fp8RowWeight(ff.net[0].proj), Fp8RowWeight(ff.net[-1])
@@ -430,6 +440,8 @@ class Fp8TransformerBlock(torch.nn.Module):
         key, value = _split_heads(self.kv2(text), batch, 2, self.heads2)
         attended = _merge_heads(F.scaled_dot_product_attention(query, key, value))
         x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(*fp8_rows(attended), dtype), x, self.norm3)
+        if self.feed_forward is not None:
+            return x, self.feed_forward.from_fp8(values, scales, dtype)
         up = self.up.matmul(values, scales, dtype)
         return x, self.down.matmul(*geglu_fp8_rows(up), dtype)
 
@@ -483,13 +495,18 @@ def is_geglu_feed_forward(module: torch.nn.Module) -> bool:
             and isinstance(net[-1], torch.nn.Linear))
 
 
-def fuse_geglu_feed_forwards(root: torch.nn.Module) -> int:
-    """Swap every GEGLU FeedForward under ``root`` for Fp8GegluFeedForward; returns how many."""
-    targets = [(name, module) for name, module in root.named_modules() if is_geglu_feed_forward(module)]
+def swap_modules(root: torch.nn.Module, accept, replacement) -> int:
+    """Replace every module under ``root`` that ``accept`` takes by ``replacement(module)``; returns how many."""
+    targets = [(name, module) for name, module in root.named_modules() if accept(module)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name) if parent_name else root, child, Fp8GegluFeedForward(module))
+        setattr(root.get_submodule(parent_name) if parent_name else root, child, replacement(module))
     return len(targets)
+
+
+def fuse_geglu_feed_forwards(root: torch.nn.Module) -> int:
+    """Swap every GEGLU FeedForward under ``root`` for Fp8GegluFeedForward; returns how many."""
+    return swap_modules(root, is_geglu_feed_forward, Fp8GegluFeedForward)
 
 
 def quantize_attention_outputs(root: torch.nn.Module, scope: str) -> int:

@@ -41,6 +41,9 @@ OPTIONS: dict[str, str] = {
     "quant_all_linears": "with fp8/int8: quantize every linear of the transformer blocks, not only the wide ones",
     "fused_geglu": "with fp8: each feed-forward's GEGLU and the fp8 row scaling of its down projection run as one "
                    "Triton kernel, and the down projection runs in fp8 (sccsdxl.fused)",
+    "fused_ffn_gemm": "with fp8, in place of fused_geglu: each feed-forward's up projection, GEGLU and fp8 "
+                      "quantization run as one Triton GEMM kernel, and the down projection as a blockwise-scaled "
+                      "fp8 GEMM (Hopper only; sccsdxl.ffn_gemm)",
     "fp8_attn_out": "with fp8: each transformer-block attention's output projection runs in fp8, its input "
                     "quantized per row by one Triton kernel (sccsdxl.fused)",
     "fused_norms": "with fp8 and fuse_qkv: each transformer block's LayerNorms run in one Triton kernel each with "
@@ -79,6 +82,7 @@ class Optimizations:
     int8: bool = False
     quant_all_linears: bool = False
     fused_geglu: bool = False
+    fused_ffn_gemm: bool = False
     fp8_attn_out: bool = False
     fused_norms: bool = False
     fused_group_norms: bool = False
@@ -141,6 +145,7 @@ def supported_options(device: str) -> list[str]:
         names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if triton_kernels else [])
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
+            names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
     return names
 
 
@@ -148,6 +153,12 @@ def _fused_kernel_available() -> bool:
     from .fused import available
 
     return available()
+
+
+def _blockwise_gemm_available() -> bool:
+    from .ffn_gemm import blockwise_gemm_available
+
+    return blockwise_gemm_available()
 
 
 def _needs_triton(name: str) -> str:
@@ -181,6 +192,13 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
             problems.append(f"{name} runs {what} in fp8: add fp8")
         elif getattr(opts, name) and not _fused_kernel_available():
             problems.append(_needs_triton(name))
+    if opts.fused_ffn_gemm and not opts.fp8:
+        problems.append("fused_ffn_gemm runs the feed-forward's projections in fp8: add fp8")
+    elif opts.fused_ffn_gemm and opts.fused_geglu:
+        problems.append("fused_ffn_gemm takes the place of fused_geglu (both replace the feed-forward): name one")
+    elif opts.fused_ffn_gemm and not _blockwise_gemm_available():
+        problems.append(f"fused_ffn_gemm needs a Triton kernel and torch._scaled_mm's blockwise fp8 GEMM (cuBLAS "
+                        f"12.9 or later, Hopper GPUs only); this run is on {device_name(device)}")
     if opts.fused_norms and not opts.fuse_qkv:
         problems.append("fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv")
     if opts.fused_group_norms and not opts.channels_last:
@@ -357,6 +375,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fused import fuse_geglu_feed_forwards
 
         info["fused_feed_forwards"] = fuse_geglu_feed_forwards(pipe.unet)
+    if opts.fused_ffn_gemm:  # before quantize_ (its projections are fp8 already) and fused_norms (which takes it)
+        from .ffn_gemm import fuse_feed_forward_gemms
+
+        info["fused_ffn_gemms"] = fuse_feed_forward_gemms(pipe.unet)
     if opts.fp8_attn_out:  # before quantize_ too: the projection it takes over must not be quantized twice
         from .fused import quantize_attention_outputs
 

@@ -66,6 +66,13 @@ def cache_in_two_processes(tmp_path):
     return run
 
 
+def assert_interpreted_ok(code: str, timeout: int = 300) -> None:
+    """Run ``code`` in a new Python with Triton's CPU interpreter on; it must print "kernel ok"."""
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
+
+
 def relative_error(test, reference) -> float:
     """||test - reference|| / ||reference||, in fp32: how the fused kernels' tests compare with their references."""
     return float((test.float() - reference.float()).norm() / reference.float().norm())

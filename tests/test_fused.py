@@ -1,9 +1,6 @@
 """The fp8 row-quantization kernels (options fused_geglu, fp8_attn_out, fused_norms): their definitions and modules on the CPU,
 the kernels in Triton's CPU interpreter, and on a GPU."""
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,7 +10,7 @@ import torch.nn.functional as F
 from sccsdxl import fused
 from sccsdxl.pipeline import build_random_pipeline
 
-from conftest import relative_error, tiny_unet_call
+from conftest import assert_interpreted_ok, relative_error, tiny_unet_call
 
 
 def feed_forward(dim: int = 64, dtype=torch.bfloat16):
@@ -283,9 +280,7 @@ INTERPRETED = textwrap.dedent("""
                            "Triton interpreters, e.g. with torch 2.11, cannot run it)")
 def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_columns():
     """The Triton kernels themselves, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
+    assert_interpreted_ok(INTERPRETED)
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")

@@ -16,7 +16,7 @@ from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.quant import check_optimizations, parse_optimizations
 
-from conftest import relative_error, tiny_unet_call
+from conftest import assert_interpreted_ok, relative_error, tiny_unet_call
 
 
 def resnet_block(channels_in: int = 64, channels_out: int = 96, device: str = "cpu", dtype=torch.float32):
@@ -165,9 +165,7 @@ def test_the_tuning_choices_run_every_tile_of_each_kernel():
                     reason="needs the triton package; on a GPU the tests below run the compiled kernels themselves")
 def test_kernels_in_tritons_cpu_interpreter_normalize_each_group():
     """The three kernels, run by Triton's interpreter on the CPU: slices, group merges, masks and the shift."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
+    assert_interpreted_ok(INTERPRETED, timeout=600)
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernels need a GPU (run on the H200: BENCHMARKS.md)")

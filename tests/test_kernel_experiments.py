@@ -29,17 +29,6 @@ def test_fp8_convolution_matches_cudnns_definition():
         assert float(fp8_error) < 0.06, name  # e4m3 activations and weights
 
 
-def test_geglu_inside_the_fp8_gemm_computes_the_feed_forward():
-    rows = interpreted_rows("geglu_gemm_h200.py")
-    assert len(rows) == 2  # whole row tiles, and rows that leave a partial tile
-    for name, geglu_error, scales_differ, kit, fused_rows, fused_blocks, torch_rounded in rows:
-        assert float(geglu_error) < 0.01, name  # both halves, their scales and GEGLU: exact up to bf16 rounding
-        assert float(scales_differ) < 0.01, name  # one scale per row of each 128 columns, at the right place
-        for error in (kit, fused_rows, torch_rounded):  # e4m3 in both GEMMs
-            assert float(error) < 0.08, name
-        assert float(fused_blocks) < 0.1, name  # the interpreter's wrong e4m3 rounding, as in the ResNet test below
-
-
 def test_fp8_attention_matches_scaled_dot_product_attention():
     rows = interpreted_rows("attention_fp8_h200.py")
     assert len(rows) == 2  # one block of keys, and a length that leaves a partial block

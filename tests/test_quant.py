@@ -56,6 +56,9 @@ def test_configuration_needs_a_dtype():
     ("fp8_attn_out", "bf16", "fp8_attn_out runs the attention's output projection in fp8: add fp8"),
     ("fused_norms", "bf16", "fused_norms runs every transformer-block linear after a LayerNorm in fp8: add fp8"),
     ("fused_norms", "bf16", "fused_norms quantizes the fused q/k/v projection's input: add fuse_qkv"),
+    ("fused_ffn_gemm", "bf16", "fused_ffn_gemm runs the feed-forward's projections in fp8: add fp8"),
+    ("fp8,fused_ffn_gemm,fused_geglu", "bf16", "fused_ffn_gemm takes the place of fused_geglu"),
+    ("fp8,fused_ffn_gemm", "bf16", "blockwise fp8 GEMM .* Hopper GPUs only"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -791,7 +792,6 @@ def warm_start_seconds(base, spec: str, count: int, timeout_s: float = 1800, log
     """
     import json
     import subprocess
-    import sys
 
     command = [sys.executable, "-m", "sccsdxl.quant", "--first-call", spec, "--model-source", base.model_source,
                "--model-path", base.model_path, "--device", base.device, "--output-dir", str(base.output_dir),
@@ -817,8 +817,20 @@ def failure_line(output: str) -> str:
     return (named or lines or ["no output"])[-1]
 
 
-def _first_call_main(argv: list[str] | None = None) -> None:
-    """``python -m sccsdxl.quant --first-call SPEC ...``: prints load and first-call seconds as JSON."""
+def _first_call_main(argv: list[str] | None = None) -> int:
+    """``python -m sccsdxl.quant --first-call SPEC ...``: prints load and first-call seconds as JSON (exit 0), or
+    what is wrong with the input and how to fix it (exit 2)."""
+    from .errors import KitError
+
+    try:
+        _first_call(argv)
+    except KitError as exc:  # a line the warm start's failure_line finds, not a traceback
+        print(f"{type(exc).__name__}: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _first_call(argv: list[str] | None) -> None:
     import argparse
     import json
 
@@ -844,4 +856,4 @@ def _first_call_main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _first_call_main()
+    sys.exit(_first_call_main())

@@ -23,6 +23,7 @@ from sccsdxl import ffn_gemm as G  # noqa: E402
 from sccsdxl import fused  # noqa: E402
 
 # (name, rows, model width): the GEGLU width is four times the model width
+TILES: list[str] = []  # the second table's rows: each tile of the kernel alone
 SHAPES = [("1280 level: 51,200 rows, 1280 -> 2 x 5120 -> 1280", 51200, 1280),
           ("640 level: 204,800 rows, 640 -> 2 x 2560 -> 640", 204800, 640)]
 
@@ -62,6 +63,12 @@ def run_case(name: str, rows: int, width: int) -> str:
         return f"{ms[key]:.3f} ({flop / ms[key] / 1e9:.0f})"
 
     best = G._geglu_gemm_kernel.best_config
+    for config in G._configs():  # each tile the tuning chooses from, alone
+        tile = (config.kwargs["BM"], config.kwargs["BK"], config.num_warps, config.num_stages)
+        ms[tile] = gpu_ms(lambda: G.run_geglu_gemm_config(values, scales, new.up, tile[0], tile[1], tile[2],
+                                                            num_stages=tile[3]))
+        TILES.append(f"| {name} | BM {tile[0]}, BK {tile[1]}, {tile[2]} warps, {tile[3]} stages | "
+                     f"{rate(flop_up, tile)} |")
     return (f"| {name} | {relative_error(kit(), truth):.4f} | {relative_error(fused_ffn(), truth):.4f} | "
             f"{relative_error(by_cublas, dequantized):.4f}{'' if G._bias_in_gemm() else ' (bias added apart)'} | "
             f"{ms['kit']:.3f} | {ms['fused']:.3f} | {ms['kit'] / ms['fused']:.2f}x | {rate(flop_up, 'up')} + "
@@ -82,6 +89,7 @@ def main() -> None:
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for shape in SHAPES:
         print(run_case(*shape), flush=True)
+    print("\n| shape | the kernel's tile | ms (TFLOP/s) |\n|---|---|---|\n" + "\n".join(TILES))
 
 
 if __name__ == "__main__":

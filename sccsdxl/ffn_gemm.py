@@ -130,14 +130,14 @@ if triton is not None:
                      rows, k, n, HAS_BIAS=bias is not None, **config)
 
     def run_geglu_gemm_config(values: torch.Tensor, scales: torch.Tensor, up: Fp8RowWeight, block_m: int,
-                              block_k: int, num_warps: int = 4, group_m: int = 8,
+                              block_k: int, num_warps: int = 4, group_m: int = 8, num_stages: int = 3,
                               out_dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
         """One tile configuration, run directly (for tests, and Triton's CPU interpreter, which cannot autotune).
         With ``out_dtype`` float32 the values come out unrounded (the interpreter's own e4m3 cast is not exact)."""
         out, out_scales = _outputs(values, up.weight)
         out = out.to(out_dtype)
         _launch(_geglu_gemm_kernel.fn, values, scales, up.weight, up.scale, up.bias, out, out_scales, BM=block_m,
-                BK=block_k, GROUP_M=group_m, num_warps=num_warps)
+                BK=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
         return out, out_scales.t()
 
     @triton_op("sccsdxl::geglu_fp8_blocks", mutates_args=())

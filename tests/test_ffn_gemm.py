@@ -134,7 +134,8 @@ def test_kernel_and_blockwise_gemm_match_the_reference_on_the_gpu(rows, width):
     assert relative_error(G.dequantize_row_blocks(got_values, got_scales), expected) < 0.01
     for config in G._configs():  # and every tile it chooses from
         got_values, got_scales = G.run_geglu_gemm_config(values, scales, module.up, config.kwargs["BM"],
-                                                         config.kwargs["BK"], config.num_warps)
+                                                         config.kwargs["BK"], config.num_warps,
+                                                         num_stages=config.num_stages)
         assert relative_error(G.dequantize_row_blocks(got_values, got_scales), expected) < 0.01, config
     # cuBLAS reads the block scales as meant: the same product as from the dequantized values
     out = module.down.matmul(expected_values, expected_scales, torch.float32)

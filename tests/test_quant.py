@@ -320,6 +320,17 @@ def test_padded_batches_return_only_the_asked_images(tiny_runner):
     assert padded.shape == alone.shape and np.abs(padded.astype(int) - alone).max() <= 1
 
 
+def test_readme_describes_every_option():
+    """README's speed-options table has a row for each option the kit accepts (and none it does not)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Speed options")[1].split("\n### ")[0]
+    rows = {cell for line in section.splitlines() if line.startswith("| `")
+            for cell in line.split("|")[1].replace("`", "").split(",")}
+    assert {name.strip() for name in rows} == set(quant.OPTIONS) | {"sdpa=<backend>"}
+
+
 def test_first_call_command_says_what_is_wrong_without_a_traceback(tmp_path, capsys):
     """What a batch job runs to fill the compile cache (README): bad options end in the kit's message, exit 2."""
     code = quant._first_call_main(["--first-call", "bf16:fp8,fused_ffn_gemm", "--model-source", "tiny", "--device",

@@ -5,9 +5,11 @@ fused_geglu (what the fastest configuration runs): cuBLAS's fp8 GEMM writes the 
 bf16, sccsdxl.fused's kernel reads it back for GEGLU and one fp8 scale per row, and the down projection is a
 row-scaled fp8 GEMM. fused_ffn_gemm (sccsdxl.ffn_gemm): one Triton kernel computes both halves of the up projection,
 GEGLU and e4m3 with one scale per row of each 128 columns, and the down projection is cuBLAS's blockwise-scaled fp8
-GEMM (1x128 activations, 128x128 weight blocks). The script checks both against the feed-forward in fp32 and that
-cuBLAS reads the block scales as meant, then times each path and each piece, with TFLOP/s, at 50 rows (batch 25
-with guidance; 60 feed-forwards of the first shape and 10 of the second per UNet forward). Run on a Hopper GPU node:
+GEMM (1x128 activations, 128x128 weight blocks). A third path writes the kernel's GEGLU in bf16 and keeps the kit's
+row quantization and row-scaled down GEMM (what is left if cuBLAS's blockwise GEMM is slow). The script checks the
+paths against the feed-forward in fp32 and that cuBLAS reads the block scales as meant, then times each path and
+each piece, with TFLOP/s, at 50 rows (batch 25 with guidance; 60 feed-forwards of the first shape and 10 of the
+second per UNet forward). Run on a Hopper GPU node:
   python3 benchmarks/geglu_gemm_h200.py
 """
 from __future__ import annotations
@@ -46,12 +48,22 @@ def run_case(name: str, rows: int, width: int) -> str:
     def fused_ffn() -> torch.Tensor:
         return new.from_fp8(values, scales, torch.bfloat16)
 
+    geglu = torch.empty(rows, 4 * width, device="cuda", dtype=torch.bfloat16)
+
+    def plain_geglu() -> torch.Tensor:  # the same kernel writing the GEGLU in bf16, no block scales
+        G._launch(G._geglu_gemm_kernel, values, scales, new.up.weight, new.up.scale, new.up.bias, geglu, None)
+        return geglu
+
+    def fused_rows() -> torch.Tensor:  # if cuBLAS's blockwise GEMM is slow: the kit's row quantization and GEMM
+        return down.matmul(*fused.fp8_rows(plain_geglu()), torch.bfloat16)
+
     blocks = G.geglu_fp8_blocks(values, scales, new.up)
     by_cublas = new.down.matmul(*blocks, torch.float32)
     dequantized = F.linear(G.dequantize_row_blocks(*blocks), new.down.dequantized(), new.down.bias.float())
     hidden = up.matmul(values, scales, torch.bfloat16)
     rows_q = fused.geglu_fp8_rows(hidden)
-    ms = {"kit": gpu_ms(kit), "fused": gpu_ms(fused_ffn),
+    ms = {"kit": gpu_ms(kit), "fused": gpu_ms(fused_ffn), "rows": gpu_ms(fused_rows),
+          "plain": gpu_ms(plain_geglu), "fp8 rows": gpu_ms(lambda: fused.fp8_rows(geglu)),
           "up": gpu_ms(lambda: up.matmul(values, scales, torch.bfloat16)),
           "geglu": gpu_ms(lambda: fused.geglu_fp8_rows(hidden)),
           "down": gpu_ms(lambda: down.matmul(*rows_q, torch.bfloat16)),
@@ -70,10 +82,13 @@ def run_case(name: str, rows: int, width: int) -> str:
         TILES.append(f"| {name} | BM {tile[0]}, BK {tile[1]}, {tile[2]} warps, {tile[3]} stages | "
                      f"{rate(flop_up, tile)} |")
     return (f"| {name} | {relative_error(kit(), truth):.4f} | {relative_error(fused_ffn(), truth):.4f} | "
+            f"{relative_error(fused_rows(), truth):.4f} | "
             f"{relative_error(by_cublas, dequantized):.4f}{'' if G._bias_in_gemm() else ' (bias added apart)'} | "
-            f"{ms['kit']:.3f} | {ms['fused']:.3f} | {ms['kit'] / ms['fused']:.2f}x | {rate(flop_up, 'up')} + "
-            f"{ms['geglu']:.3f} + {rate(flop_down, 'down')} | {rate(flop_up, 'kernel')} + "
-            f"{rate(flop_down, 'down blocks')} | {best.kwargs} w{best.num_warps} s{best.num_stages} |")
+            f"{ms['kit']:.3f} | {ms['fused']:.3f} ({ms['kit'] / ms['fused']:.2f}x) | {ms['rows']:.3f} "
+            f"({ms['kit'] / ms['rows']:.2f}x) | {rate(flop_up, 'up')} + {ms['geglu']:.3f} + "
+            f"{rate(flop_down, 'down')} | {rate(flop_up, 'kernel')} + {rate(flop_down, 'down blocks')} | "
+            f"{rate(flop_up, 'plain')} + {ms['fp8 rows']:.3f} | {best.kwargs} w{best.num_warps} "
+            f"s{best.num_stages} |")
 
 
 def main() -> None:
@@ -82,10 +97,12 @@ def main() -> None:
     if not G.blockwise_gemm_available():
         sys.exit("fused_ffn_gemm needs a Hopper GPU, Triton and torch._scaled_mm's blockwise fp8 GEMM (cuBLAS 12.9+)")
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}\n")
-    header = ("| shape | rel. error vs fp32: fused_geglu | fused_ffn_gemm | cuBLAS blockwise vs dequantized | "
-              "ms: fused_geglu | fused_ffn_gemm | speedup | fused_geglu's pieces: up GEMM (TFLOP/s) + GEGLU kernel "
-              "+ down GEMM (TFLOP/s) | fused_ffn_gemm's: kernel (TFLOP/s) + blockwise down GEMM (TFLOP/s) | "
-              "the kernel's chosen tile |")
+    header = ("| shape | rel. error vs fp32: fused_geglu | fused_ffn_gemm | the kernel in bf16, then rows | "
+              "cuBLAS blockwise vs dequantized | ms: fused_geglu | fused_ffn_gemm (speedup) | the kernel in bf16, "
+              "then the row quantization and row-scaled down GEMM (speedup) | fused_geglu's pieces: up GEMM "
+              "(TFLOP/s) + GEGLU kernel + down GEMM (TFLOP/s) | fused_ffn_gemm's: kernel (TFLOP/s) + blockwise "
+              "down GEMM (TFLOP/s) | the kernel in bf16 (TFLOP/s) + row quantization | the kernel's chosen tile "
+              "(fp8 blocks) |")
     print(header + "\n|" + "---|" * (header.count("|") - 1))
     for shape in SHAPES:
         print(run_case(*shape), flush=True)

@@ -83,13 +83,16 @@ if triton is not None:
         group_size = min(num_m - first_m, GROUP_M)
         return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
 
-    @triton.autotune(configs=_configs(), key=["M", "K", "N"], prune_configs_by={"early_config_prune": _fits})
+    @triton.autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"],
+                     prune_configs_by={"early_config_prune": _fits})
     @triton.jit
     def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,
-                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BLOCK_SCALES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                           GROUP_M: tl.constexpr):
         """For BM rows and 128 GEGLU columns j: value = x . w[j] and gate = x . w[N + j] from e4m3 with their row
-        scales (and bias), out = value * gelu(gate) in e4m3, each row's 128 values divided by their largest over
-        448, that scale stored at out_scale[column block, row]."""
+        scales (and bias), out = value * gelu(gate). With BLOCK_SCALES in e4m3, each row's 128 values divided by
+        their largest over 448, that scale stored at out_scale[column block, row]; else as it is, in out's dtype
+        (benchmarks/geglu_gemm_h200.py times that too)."""
         BN: tl.constexpr = 128
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), N // BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -115,19 +118,22 @@ if triton is not None:
             value += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
             gate += tl.load(bias_ptr + N + rn).to(tl.float32)[None, :]
         out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        scale = tl.maximum(tl.max(tl.abs(out), axis=1) / 448.0, 1e-12)
-        out = tl.clamp(out / scale[:, None], -448.0, 448.0)
-        tl.store(out_scale_ptr + pid_n.to(tl.int64) * M + rm, scale, mask=m_ok)
+        if BLOCK_SCALES:
+            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / 448.0, 1e-12)
+            out = tl.clamp(out / scale[:, None], -448.0, 448.0)
+            tl.store(out_scale_ptr + pid_n.to(tl.int64) * M + rm, scale, mask=m_ok)
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
     def _launch(kernel, values, scales, weight, weight_scale, bias, out, out_scales, **config) -> None:
+        """The kernel over (rows, K) fp8 ``values``; ``out_scales`` None writes the plain GEGLU in ``out``'s dtype."""
         rows, k = values.shape
         n = weight.shape[0] // 2
         grid = (lambda meta: (triton.cdiv(rows, meta["BM"]) * (n // BLOCK),)) if not config else \
             (triton.cdiv(rows, config["BM"]) * (n // BLOCK),)
-        kernel[grid](values, scales, weight, weight_scale, weight_scale if bias is None else bias, out, out_scales,
-                     rows, k, n, HAS_BIAS=bias is not None, **config)
+        kernel[grid](values, scales, weight, weight_scale, weight_scale if bias is None else bias, out,
+                     scales if out_scales is None else out_scales, rows, k, n, HAS_BIAS=bias is not None,
+                     BLOCK_SCALES=out_scales is not None, **config)
 
     def run_geglu_gemm_config(values: torch.Tensor, scales: torch.Tensor, up: Fp8RowWeight, block_m: int,
                               block_k: int, num_warps: int = 4, group_m: int = 8, num_stages: int = 3,

@@ -250,12 +250,13 @@ class Fp8BlockWeight(torch.nn.Module):
 
 
 def can_fuse_feed_forward(module: torch.nn.Module) -> bool:
-    """diffusers' GEGLU FeedForward whose GEGLU width is two or more whole 128-column blocks (every one of SDXL's:
-    with one, cuBLAS would read the scales as one per row)."""
+    """diffusers' GEGLU FeedForward whose GEGLU width is two or more whole 128-column blocks (with one, cuBLAS would
+    read the scales as one per row) and whose model width is whole 64-wide steps of the kernel's loop; every one of
+    SDXL's is."""
     if not is_geglu_feed_forward(module):
         return False
     width = module.net[-1].in_features
-    return width % BLOCK == 0 and width >= 2 * BLOCK
+    return width % BLOCK == 0 and width >= 2 * BLOCK and module.net[0].proj.in_features % 64 == 0
 
 
 class Fp8GegluGemmFeedForward(torch.nn.Module):

@@ -59,6 +59,8 @@ def test_only_feed_forwards_of_whole_128_column_blocks_are_taken():
 
     assert not G.can_fuse_feed_forward(FeedForward(16, mult=4, activation_fn="geglu"))  # a GEGLU width of 64
     assert not G.can_fuse_feed_forward(FeedForward(32, mult=4, activation_fn="geglu"))  # one block: read per row
+    assert not G.can_fuse_feed_forward(FeedForward(96, mult=4, activation_fn="geglu"))  # 96 wide: no 64-wide steps
+    assert G.can_fuse_feed_forward(FeedForward(128, mult=4, activation_fn="geglu"))
     assert not G.can_fuse_feed_forward(FeedForward(64, mult=4, activation_fn="gelu"))  # no GEGLU
     assert not G.can_fuse_feed_forward(torch.nn.Linear(4, 4))
 

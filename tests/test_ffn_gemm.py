@@ -18,7 +18,7 @@ def feed_forward(width: int = 64, device: str = "cpu"):
     from diffusers.models.attention import FeedForward
 
     torch.manual_seed(0)
-    return FeedForward(width, mult=4, activation_fn="geglu").to(device, torch.bfloat16).eval()
+    return FeedForward(width, mult=4, activation_fn="geglu").to(device, torch.bfloat16).eval().requires_grad_(False)
 
 
 def test_row_blocks_keep_one_scale_per_row_of_each_128_columns():
@@ -158,7 +158,7 @@ def fused_transformer(device: str):
     torch.manual_seed(0)
     model = Transformer2DModel(num_attention_heads=2, attention_head_dim=64, in_channels=128, cross_attention_dim=64,
                                use_linear_projection=True, norm_num_groups=32, num_layers=2)
-    model = model.to(device, torch.bfloat16).eval()
+    model = model.to(device, torch.bfloat16).eval().requires_grad_(False)
     for module in model.modules():
         if isinstance(module, Attention):
             module.fuse_projections()

@@ -41,16 +41,25 @@ def expand_blocks(scale: torch.Tensor, rows_per: int, shape: tuple[int, int]) ->
     return full[:shape[0], :shape[1]]
 
 
-def quantize_row_blocks(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, n) -> e4m3 values and (rows, ceil(n / 128)) fp32 scales, one per row of each 128 columns."""
-    blocks = _padded_blocks(matrix, 1)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=MIN_SCALE)
-    values = (matrix.float() / expand_blocks(scale, 1, matrix.shape)).clamp(-FP8_MAX, FP8_MAX)
+def quantize_blocks(matrix: torch.Tensor, rows_per: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) -> e4m3 values and fp32 scales, one per ``rows_per`` x 128 block: (ceil(rows / rows_per),
+    ceil(n / 128))."""
+    scale = (_padded_blocks(matrix, rows_per).abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=MIN_SCALE)
+    values = (matrix.float() / expand_blocks(scale, rows_per, matrix.shape)).clamp(-FP8_MAX, FP8_MAX)
     return values.to(FP8), scale
 
 
+def dequantize_blocks(values: torch.Tensor, scales: torch.Tensor, rows_per: int) -> torch.Tensor:
+    return values.float() * expand_blocks(scales, rows_per, values.shape)
+
+
+def quantize_row_blocks(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) -> e4m3 values and (rows, ceil(n / 128)) fp32 scales, one per row of each 128 columns."""
+    return quantize_blocks(matrix, 1)
+
+
 def dequantize_row_blocks(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return values.float() * expand_blocks(scales, 1, values.shape)
+    return dequantize_blocks(values, scales, 1)
 
 
 def geglu_fp8_blocks_reference(values: torch.Tensor, scales: torch.Tensor,
@@ -88,10 +97,10 @@ if triton is not None:
     @triton.jit
     def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,
                            HAS_BIAS: tl.constexpr, BLOCK_SCALES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                           GROUP_M: tl.constexpr):
+                           GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         """For BM rows and 128 GEGLU columns j: value = x . w[j] and gate = x . w[N + j] from e4m3 with their row
         scales (and bias), out = value * gelu(gate). With BLOCK_SCALES in e4m3, each row's 128 values divided by
-        their largest over 448, that scale stored at out_scale[column block, row]; else as it is, in out's dtype
+        their largest over FP8_MAX, that scale stored at out_scale[column block, row]; else as it is, in out's dtype
         (benchmarks/geglu_gemm_h200.py times that too)."""
         BN: tl.constexpr = 128
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), N // BN, GROUP_M)
@@ -119,8 +128,8 @@ if triton is not None:
             gate += tl.load(bias_ptr + N + rn).to(tl.float32)[None, :]
         out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
         if BLOCK_SCALES:
-            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / 448.0, 1e-12)
-            out = tl.clamp(out / scale[:, None], -448.0, 448.0)
+            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / FP8_MAX, MIN_SCALE)
+            out = tl.clamp(out / scale[:, None], -FP8_MAX, FP8_MAX)
             tl.store(out_scale_ptr + pid_n.to(tl.int64) * M + rm, scale, mask=m_ok)
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
@@ -133,15 +142,14 @@ if triton is not None:
             (triton.cdiv(rows, config["BM"]) * (n // BLOCK),)
         kernel[grid](values, scales, weight, weight_scale, weight_scale if bias is None else bias, out,
                      scales if out_scales is None else out_scales, rows, k, n, HAS_BIAS=bias is not None,
-                     BLOCK_SCALES=out_scales is not None, **config)
+                     BLOCK_SCALES=out_scales is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_geglu_gemm_config(values: torch.Tensor, scales: torch.Tensor, up: Fp8RowWeight, block_m: int,
                               block_k: int, num_warps: int = 4, group_m: int = 8, num_stages: int = 3,
                               out_dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
         """One tile configuration, run directly (for tests, and Triton's CPU interpreter, which cannot autotune).
         With ``out_dtype`` float32 the values come out unrounded (the interpreter's own e4m3 cast is not exact)."""
-        out, out_scales = _outputs(values, up.weight)
-        out = out.to(out_dtype)
+        out, out_scales = _outputs(values, up.weight, out_dtype)
         _launch(_geglu_gemm_kernel.fn, values, scales, up.weight, up.scale, up.bias, out, out_scales, BM=block_m,
                 BK=block_k, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages)
         return out, out_scales.t()
@@ -155,10 +163,12 @@ if triton is not None:
         return out, out_scales
 
 
-def _outputs(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, n) e4m3 and the (n / 128, rows) scales, rows contiguous (what cuBLAS's 1x128 scaling reads)."""
+def _outputs(values: torch.Tensor, weight: torch.Tensor,
+             dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, n) e4m3 (or ``dtype``) and the (n / 128, rows) scales, rows contiguous (what cuBLAS's 1x128 scaling
+    reads)."""
     n = weight.shape[0] // 2
-    return (torch.empty(values.shape[0], n, device=values.device, dtype=FP8),
+    return (torch.empty(values.shape[0], n, device=values.device, dtype=dtype),
             torch.empty(n // BLOCK, values.shape[0], device=values.device, dtype=torch.float32))
 
 
@@ -231,15 +241,13 @@ class Fp8BlockWeight(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        weight = linear.weight.detach()
-        scale = (_padded_blocks(weight, BLOCK).abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=MIN_SCALE)
-        values = (weight.float() / expand_blocks(scale, BLOCK, weight.shape)).clamp(-FP8_MAX, FP8_MAX)
-        self.register_buffer("weight", values.to(FP8))  # (out, in)
+        values, scale = quantize_blocks(linear.weight.detach(), BLOCK)
+        self.register_buffer("weight", values)  # (out, in)
         self.register_buffer("scale", scale)  # (out / 128, in / 128), rounded up
         self.bias = linear.bias
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * expand_blocks(self.scale, BLOCK, self.weight.shape)
+        return dequantize_blocks(self.weight, self.scale, BLOCK)
 
     def matmul(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(rows, in) e4m3 with (rows, in / 128) scales -> (rows, out) in ``dtype``."""

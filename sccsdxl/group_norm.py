@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import triton
+from .fused import FP8_MAX, triton
 
 if triton is not None:
     import triton.language as tl
@@ -37,7 +37,7 @@ def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch
 
 
 if triton is not None:
-    E4M3_MAX = tl.constexpr(448.0)  # the largest float8_e4m3fn value
+    E4M3_MAX = tl.constexpr(FP8_MAX)  # the largest float8_e4m3fn value
 
     def _block_configs(blocks: tuple) -> list:
         """(pixels, channels, warps) per program: wide channel blocks read whole 128-byte lines of an NHWC row."""

@@ -62,14 +62,19 @@ def dequantize_row_blocks(values: torch.Tensor, scales: torch.Tensor) -> torch.T
     return dequantize_blocks(values, scales, 1)
 
 
-def geglu_fp8_blocks_reference(values: torch.Tensor, scales: torch.Tensor,
-                               up: Fp8RowWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernel computes, in torch: the up projection of fp8 rows (with their (rows, 1) scales), GEGLU in
-    fp32, then quantize_row_blocks."""
+def geglu_reference(values: torch.Tensor, scales: torch.Tensor, up: Fp8RowWeight) -> torch.Tensor:
+    """The up projection of fp8 rows (with their (rows, 1) scales) and GEGLU, in fp32: the kernel before its
+    rounding."""
     weight = up.weight.float() * up.scale.reshape(-1, 1)
     bias = None if up.bias is None else up.bias.float()
     value, gate = F.linear(values.float() * scales, weight, bias).chunk(2, dim=-1)
-    return quantize_row_blocks(value * F.gelu(gate))
+    return value * F.gelu(gate)
+
+
+def geglu_fp8_blocks_reference(values: torch.Tensor, scales: torch.Tensor,
+                               up: Fp8RowWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel computes, in torch: geglu_reference, then quantize_row_blocks."""
+    return quantize_row_blocks(geglu_reference(values, scales, up))
 
 
 if triton is not None:

@@ -23,7 +23,8 @@ from .record import archive_existing, unique_file
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
     "fuse_qkv": "fuse the q, k, v projections of every attention into one matmul",
-    "channels_last": "UNet tensors in NHWC memory layout (the VAE stays NCHW: it ran slower in NHWC on an H200)",
+    "channels_last": "UNet tensors in NHWC memory layout (the VAE decoder stays NCHW unless vae_group_norms: with inductor's "
+                     "GroupNorm it ran slower in NHWC on an H200)",
     "compile": "torch.compile the UNet's repeated transformer blocks (regional compilation, cached on disk)",
     "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
     "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
@@ -53,6 +54,8 @@ OPTIONS: dict[str, str] = {
     "fused_group_norms": "with channels_last: the UNet's GroupNorms (with the SiLU after them, and in each ResNet "
                          "block the convolution bias and time embedding added before the second) run as Triton "
                          "kernels over channels_last memory (sccsdxl.group_norm)",
+    "vae_group_norms": "the VAE decoder in channels_last memory, the GroupNorms (with SiLU) of its ResNet blocks and "
+                       "output as sccsdxl.group_norm's Triton kernels: no layout conversion around its convolutions",
     "text_kv_once": "each cross-attention's key/value projection of the text computed once per batch instead of "
                     "at every step (the text is the same at all 20): the same arithmetic, less of it "
                     "(sccsdxl.text_cache)",
@@ -87,6 +90,7 @@ class Optimizations:
     fp8_attn_out: bool = False
     fused_norms: bool = False
     fused_group_norms: bool = False
+    vae_group_norms: bool = False
     text_kv_once: bool = False
     sdpa: str = "auto"
 
@@ -143,7 +147,7 @@ def supported_options(device: str) -> list[str]:
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
-        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms"] if triton_kernels else [])
+        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms", "vae_group_norms"] if triton_kernels else [])
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
@@ -206,6 +210,8 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("fused_group_norms"))
+    if opts.vae_group_norms and not _fused_kernel_available():
+        problems.append(_needs_triton("vae_group_norms"))
     if opts.quant_all_linears and opts.quantization == "none":
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
@@ -295,7 +301,7 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool =
 
 def compile_vae_regions(vae) -> int:
     """Regional compilation of the VAE decoder: each ResNet block and upsampler is compiled once per shape."""
-    return _compile_modules(vae.decoder, {"ResnetBlock2D", "Upsample2D"})
+    return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Upsample2D"})
 
 
 @contextlib.contextmanager
@@ -357,6 +363,13 @@ def _nchw_input(module, args):
     return (args[0].contiguous(),) + tuple(args[1:])
 
 
+def _nhwc_input(module, args):
+    """Forward pre-hook: hand the VAE decoder channels_last latents (option vae_group_norms)."""
+    import torch
+
+    return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+
+
 def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None = None) -> dict:
     """Change the loaded pipeline in place; returns what was done (for run records)."""
     import torch
@@ -367,6 +380,13 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         pipe.fuse_qkv_projections()
     if opts.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
+    if opts.vae_group_norms:  # before compile_vae_regions, which compiles the blocks it swaps in
+        from .group_norm import fuse_group_norms
+
+        pipe.vae.decoder.to(memory_format=torch.channels_last)
+        pipe.vae.decoder.register_forward_pre_hook(_nhwc_input)
+        info["vae_group_norms"] = fuse_group_norms(pipe.vae.decoder)
+    elif opts.channels_last:
         pipe.vae.decoder.register_forward_pre_hook(_nchw_input)  # the UNet's NHWC latents would make it NHWC
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)

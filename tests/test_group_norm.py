@@ -72,6 +72,29 @@ def test_every_group_norm_of_the_unet_is_swapped_and_the_unet_still_agrees():
     assert relative_error(call(), before) < 1e-5
 
 
+def tiny_vae_decode(pipe, device: str = "cpu", dtype=torch.float32):
+    torch.manual_seed(2)
+    latents = torch.randn(2, 4, 16, 16, device=device, dtype=dtype)
+    return lambda: pipe.vae.decode(latents, return_dict=False)[0]
+
+
+def test_every_group_norm_of_the_vae_decoder_is_swapped_and_it_still_decodes_the_same():
+    """Option vae_group_norms: the decoder's ResNet blocks (mid and up) and its output norm take the kernels' modules;
+    the mid block's attention norm stays diffusers'."""
+    pipe = build_random_pipeline("tiny", "fp32", "cpu")
+    decoder = pipe.vae.decoder
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in decoder.modules())
+    decode = tiny_vae_decode(pipe)
+    with torch.no_grad():
+        before = decode()
+        decoder.to(memory_format=torch.channels_last)
+        counts = G.fuse_group_norms(decoder)
+        after = decode()
+    assert counts == {"resnets": resnets, "transformer_norms": 0, "output_norm": 1} and resnets > 0
+    assert isinstance(decoder.conv_act, torch.nn.Identity)
+    assert relative_error(after, before) < 1e-5
+
+
 def test_blocks_unlike_sdxls_are_left_as_they_are():
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -95,8 +118,9 @@ def test_the_option_needs_channels_last_and_a_gpu_and_says_so():
     with pytest.raises(ParameterError, match="add channels_last"):
         check_optimizations(parse_optimizations("fused_group_norms"), "bf16", "cuda")
     if not fused.available():
-        with pytest.raises(ParameterError, match="needs an NVIDIA GPU"):
-            check_optimizations(parse_optimizations("channels_last,fused_group_norms"), "bf16", "cpu")
+        for options in ("channels_last,fused_group_norms", "vae_group_norms"):
+            with pytest.raises(ParameterError, match=f"{options.split(',')[-1]} is a Triton kernel: it needs an NVIDIA"):
+                check_optimizations(parse_optimizations(options), "bf16", "cpu")
 
 
 INTERPRETED = textwrap.dedent("""
@@ -229,6 +253,22 @@ def test_unet_with_fused_group_norms_agrees_on_the_gpu():
     before = call()
     G.fuse_group_norms(unet)
     assert relative_error(call(), before) < 2e-2
+
+
+@gpu
+def test_compiled_vae_decoder_with_the_kernels_agrees_on_the_gpu():
+    """What apply_optimizations builds for compile_vae,vae_no_upcast,vae_group_norms, against the decoder as it was."""
+    from sccsdxl.quant import apply_optimizations
+
+    pipe = build_random_pipeline("tiny", "bf16", "cuda")
+    decode = tiny_vae_decode(pipe, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        before = decode()
+        info = apply_optimizations(pipe, parse_optimizations("compile_vae,vae_no_upcast,vae_group_norms"))
+        after = decode()
+    assert info["vae_group_norms"]["resnets"] > 0 and info["compiled_vae_regions"] > 0
+    assert after.is_contiguous(memory_format=torch.channels_last) or after.shape[1] == 3
+    assert relative_error(after, before) < 2e-2
 
 
 WARM_CACHE_SCRIPT = textwrap.dedent("""

@@ -56,6 +56,9 @@ OPTIONS: dict[str, str] = {
                          "kernels over channels_last memory (sccsdxl.group_norm)",
     "vae_group_norms": "the VAE decoder in channels_last memory, the GroupNorms (with SiLU) of its ResNet blocks and "
                        "output as sccsdxl.group_norm's Triton kernels: no layout conversion around its convolutions",
+    "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
+                           "attention do not take) as two GEMMs and a softmax, a few images at a time, compiled "
+                           "(sccsdxl.vae_attention)",
     "text_kv_once": "each cross-attention's key/value projection of the text computed once per batch instead of "
                     "at every step (the text is the same at all 20): the same arithmetic, less of it "
                     "(sccsdxl.text_cache)",
@@ -91,6 +94,7 @@ class Optimizations:
     fused_norms: bool = False
     fused_group_norms: bool = False
     vae_group_norms: bool = False
+    vae_attention_gemms: bool = False
     text_kv_once: bool = False
     sdpa: str = "auto"
 
@@ -144,7 +148,7 @@ def fp8_capable(device: str) -> bool:
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
-             "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "text_kv_once"]
+             "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms", "vae_group_norms"] if triton_kernels else [])
@@ -210,6 +214,8 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("fused_group_norms"))
+    if opts.vae_attention_gemms and not opts.compile_vae:
+        problems.append("vae_attention_gemms is only faster compiled: add compile_vae")
     if opts.vae_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("vae_group_norms"))
     if opts.quant_all_linears and opts.quantization == "none":
@@ -300,8 +306,10 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool =
 
 
 def compile_vae_regions(vae) -> int:
-    """Regional compilation of the VAE decoder: each ResNet block and upsampler is compiled once per shape."""
-    return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Upsample2D"})
+    """Regional compilation of the VAE decoder: each ResNet block, upsampler and (vae_attention_gemms) attention is
+    compiled once per shape."""
+    return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Upsample2D",
+                                           "GemmAttention"})
 
 
 @contextlib.contextmanager
@@ -388,6 +396,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         info["vae_group_norms"] = fuse_group_norms(pipe.vae.decoder)
     elif opts.channels_last:
         pipe.vae.decoder.register_forward_pre_hook(_nchw_input)  # the UNet's NHWC latents would make it NHWC
+    if opts.vae_attention_gemms:  # before compile_vae_regions, which compiles the module it swaps in
+        from .vae_attention import swap_vae_attention
+
+        info["vae_attention_gemms"] = swap_vae_attention(pipe.vae.decoder)
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:

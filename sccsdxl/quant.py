@@ -23,8 +23,8 @@ from .record import archive_existing, unique_file
 # name -> what it does (shown in 04_quantization and in error messages)
 OPTIONS: dict[str, str] = {
     "fuse_qkv": "fuse the q, k, v projections of every attention into one matmul",
-    "channels_last": "UNet tensors in NHWC memory layout (the VAE decoder stays NCHW unless vae_group_norms: with inductor's "
-                     "GroupNorm it ran slower in NHWC on an H200)",
+    "channels_last": "UNet tensors in NHWC memory layout (the VAE decoder stays NCHW unless vae_group_norms: with "
+                     "inductor's GroupNorm it ran slower in NHWC on an H200)",
     "compile": "torch.compile the UNet's repeated transformer blocks (regional compilation, cached on disk)",
     "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
     "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
@@ -151,7 +151,8 @@ def supported_options(device: str) -> list[str]:
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
-        names += ["cuda_graphs", "int8", "quant_all_linears"] + (["fused_group_norms", "vae_group_norms"] if triton_kernels else [])
+        names += ["cuda_graphs", "int8", "quant_all_linears"]
+        names += ["fused_group_norms", "vae_group_norms"] if triton_kernels else []
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []

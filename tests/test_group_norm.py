@@ -119,7 +119,8 @@ def test_the_option_needs_channels_last_and_a_gpu_and_says_so():
         check_optimizations(parse_optimizations("fused_group_norms"), "bf16", "cuda")
     if not fused.available():
         for options in ("channels_last,fused_group_norms", "vae_group_norms"):
-            with pytest.raises(ParameterError, match=f"{options.split(',')[-1]} is a Triton kernel: it needs an NVIDIA"):
+            name = options.split(",")[-1]
+            with pytest.raises(ParameterError, match=f"{name} is a Triton kernel: it needs an NVIDIA"):
                 check_optimizations(parse_optimizations(options), "bf16", "cpu")
 
 

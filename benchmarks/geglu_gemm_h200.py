@@ -9,7 +9,10 @@ GEMM (1x128 activations, 128x128 weight blocks). A third path writes the kernel'
 row quantization and row-scaled down GEMM (what is left if cuBLAS's blockwise GEMM is slow). The script checks the
 paths against the feed-forward in fp32 and that cuBLAS reads the block scales as meant, then times each path and
 each piece, with TFLOP/s, at 50 rows (batch 25 with guidance; 60 feed-forwards of the first shape and 10 of the
-second per UNet forward). Run on a Hopper GPU node:
+second per UNet forward). Session 12 found the kernel's GEMM at 813 TFLOP/s where cuBLAS's reaches 1,333, so a third
+table times a persistent form of it, with TMA loads (one program per multiprocessor walking the tiles, so that the
+compiler can overlap a tile's epilogue with the next tile's loads), each tile choice checked against the kernel.
+Run on a Hopper GPU node:
   python3 benchmarks/geglu_gemm_h200.py
 """
 from __future__ import annotations
@@ -23,6 +26,75 @@ from kernel_bench import gpu_ms, relative_error
 sys.path.insert(0, ".")
 from sccsdxl import ffn_gemm as G  # noqa: E402
 from sccsdxl import fused  # noqa: E402
+
+if fused.triton is not None:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from sccsdxl.ffn_gemm import geglu_epilogue, grouped_tile
+
+    @triton.jit
+    def _geglu_gemm_tma_kernel(x_desc, w_desc, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,
+                               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                               NUM_SMS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """sccsdxl.ffn_gemm's kernel with fp8 blocks, persistent: program p takes tiles p, p + NUM_SMS, ..., its
+        row and weight tiles loaded by TMA (out-of-range rows read as zeros)."""
+        BN: tl.constexpr = 128
+        num_m = tl.cdiv(M, BM)
+        num_n = N // BN
+        # the epilogue counts its tiles apart from the loads, so that the pipeliner may run the loads ahead
+        finished = tl.program_id(0) - NUM_SMS
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+            pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+            value = tl.zeros((BM, BN), dtype=tl.float32)
+            gate = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                x = x_desc.load([pid_m * BM, k])
+                value = tl.dot(x, w_desc.load([pid_n * BN, k]).T, value)
+                gate = tl.dot(x, w_desc.load([N + pid_n * BN, k]).T, gate)
+            finished += NUM_SMS
+            pid_m, pid_n = grouped_tile(finished, num_m, num_n, GROUP_M)
+            geglu_epilogue(value, gate, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), pid_n, M, N,
+                           x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, HAS_BIAS, True, FP8_MAX,
+                           MIN_SCALE)
+
+# (BM, BK, warps, stages) of the persistent kernel: 8 warps hold the two 128 x 128 accumulators without spilling
+TMA_TILES = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 8, 6), (64, 128, 4, 4)]
+TMA_ROWS: list[str] = []  # the third table's rows
+
+
+def run_tma(values: torch.Tensor, scales: torch.Tensor, up: fused.Fp8RowWeight, tile: tuple[int, int, int, int],
+            out: torch.Tensor, out_scales: torch.Tensor) -> None:
+    block_m, block_k, warps, stages = tile
+    rows, k = values.shape
+    n = up.weight.shape[0] // 2
+    sms = torch.cuda.get_device_properties(values.device).multi_processor_count
+    tiles = triton.cdiv(rows, block_m) * (n // G.BLOCK)
+    _geglu_gemm_tma_kernel[(min(sms, tiles),)](
+        TensorDescriptor.from_tensor(values, [block_m, block_k]),
+        TensorDescriptor.from_tensor(up.weight, [G.BLOCK, block_k]), scales, up.scale,
+        up.scale if up.bias is None else up.bias, out, out_scales, rows, k, n, HAS_BIAS=up.bias is not None,
+        BM=block_m, BK=block_k, GROUP_M=8, NUM_SMS=sms, FP8_MAX=fused.FP8_MAX, MIN_SCALE=fused.MIN_SCALE,
+        num_warps=warps, num_stages=stages)
+
+
+def tma_rows(name: str, values: torch.Tensor, scales: torch.Tensor, up: fused.Fp8RowWeight, flop: int,
+             kit_ms: float) -> None:
+    """Each persistent tile against the kit's kernel (autotuned): the same values and scales, and its time."""
+    expected_values, expected_scales = G.geglu_fp8_blocks(values, scales, up)
+    expected = G.dequantize_row_blocks(expected_values, expected_scales)
+    for tile in TMA_TILES:
+        out, out_scales = G._outputs(values, up.weight)
+        try:
+            run_tma(values, scales, up, tile, out, out_scales)
+            ms = gpu_ms(lambda: run_tma(values, scales, up, tile, out, out_scales))
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit must not lose the others
+            TMA_ROWS.append(f"| {name} | {tile} | failed: {repr(exc)[:160]} | | |")
+            continue
+        error = relative_error(G.dequantize_row_blocks(out, out_scales.t()), expected)
+        TMA_ROWS.append(f"| {name} | BM {tile[0]}, BK {tile[1]}, {tile[2]} warps, {tile[3]} stages | {error:.4f} | "
+                        f"{ms:.3f} ({flop / ms / 1e9:.0f}) | {kit_ms / ms:.2f}x |")
 
 # (name, rows, model width): the GEGLU width is four times the model width
 TILES: list[str] = []  # the second table's rows: each tile of the kernel alone
@@ -74,6 +146,7 @@ def run_case(name: str, rows: int, width: int) -> str:
     def rate(flop: int, key: str) -> str:
         return f"{ms[key]:.3f} ({flop / ms[key] / 1e9:.0f})"
 
+    tma_rows(name, values, scales, new.up, flop_up, ms["kernel"])
     best = G._geglu_gemm_kernel.best_config
     for config in G._configs():  # each tile the tuning chooses from, alone
         tile = (config.kwargs["BM"], config.kwargs["BK"], config.num_warps, config.num_stages)
@@ -92,8 +165,6 @@ def run_case(name: str, rows: int, width: int) -> str:
 
 
 def main() -> None:
-    import triton
-
     if not G.blockwise_gemm_available():
         sys.exit("fused_ffn_gemm needs a Hopper GPU, Triton and torch._scaled_mm's blockwise fp8 GEMM (cuBLAS 12.9+)")
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}\n")
@@ -108,6 +179,8 @@ def main() -> None:
         with torch.inference_mode():  # as the pipeline runs them
             print(run_case(*shape), flush=True)
     print("\n| shape | the kernel's tile | ms (TFLOP/s) |\n|---|---|---|\n" + "\n".join(TILES))
+    print("\n| shape | the persistent TMA kernel's tile | rel. difference from the kernel | ms (TFLOP/s) | "
+          "vs the kernel |\n|---|---|---|---|---|\n" + "\n".join(TMA_ROWS))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,28 @@ if triton is not None:
         group_size = min(num_m - first_m, GROUP_M)
         return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
 
+    @triton.jit
+    def geglu_epilogue(value, gate, rm, rn, pid_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                       HAS_BIAS: tl.constexpr, BLOCK_SCALES: tl.constexpr, FP8_MAX: tl.constexpr,
+                       MIN_SCALE: tl.constexpr):
+        """A tile's fp32 sums of rows ``rm`` by GEGLU columns ``rn`` (block ``pid_n``) to its output: the row and
+        weight scales and bias applied, value * gelu(gate), and with BLOCK_SCALES e4m3 divided by each row's largest
+        over FP8_MAX, that scale stored at out_scale[pid_n, row]."""
+        m_ok = rm < M
+        x_scale = tl.load(x_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
+        value = value * x_scale * tl.load(w_scale_ptr + rn)[None, :]
+        gate = gate * x_scale * tl.load(w_scale_ptr + N + rn)[None, :]
+        if HAS_BIAS:
+            value += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            gate += tl.load(bias_ptr + N + rn).to(tl.float32)[None, :]
+        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+        if BLOCK_SCALES:
+            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / FP8_MAX, MIN_SCALE)
+            out = tl.clamp(out / scale[:, None], -FP8_MAX, FP8_MAX)
+            tl.store(out_scale_ptr + pid_n.to(tl.int64) * M + rm, scale, mask=m_ok)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None])
+
     @triton.autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"],
                      prune_configs_by={"early_config_prune": _fits})
     @triton.jit
@@ -126,19 +148,8 @@ if triton is not None:
             x_at += BK
             value_at += BK
             gate_at += BK
-        x_scale = tl.load(x_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
-        value = value * x_scale * tl.load(w_scale_ptr + rn)[None, :]
-        gate = gate * x_scale * tl.load(w_scale_ptr + N + rn)[None, :]
-        if HAS_BIAS:
-            value += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-            gate += tl.load(bias_ptr + N + rn).to(tl.float32)[None, :]
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        if BLOCK_SCALES:
-            scale = tl.maximum(tl.max(tl.abs(out), axis=1) / FP8_MAX, MIN_SCALE)
-            out = tl.clamp(out / scale[:, None], -FP8_MAX, FP8_MAX)
-            tl.store(out_scale_ptr + pid_n.to(tl.int64) * M + rm, scale, mask=m_ok)
-        tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None])
+        geglu_epilogue(value, gate, rm, rn, pid_n, M, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                       HAS_BIAS, BLOCK_SCALES, FP8_MAX, MIN_SCALE)
 
     def _launch(kernel, values, scales, weight, weight_scale, bias, out, out_scales, **config) -> None:
         """The kernel over (rows, K) fp8 ``values``; ``out_scales`` None writes the plain GEGLU in ``out``'s dtype."""

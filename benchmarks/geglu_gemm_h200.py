@@ -13,15 +13,19 @@ second per UNet forward). Session 12 found the kernel's GEMM at 813 TFLOP/s wher
 table times a persistent form of it, with TMA loads (one program per multiprocessor walking the tiles, so that the
 compiler can overlap a tile's epilogue with the next tile's loads), each tile choice checked against the kernel.
 Run on a Hopper GPU node:
-  python3 benchmarks/geglu_gemm_h200.py
+  python3 benchmarks/geglu_gemm_h200.py   # or --interpret on a CPU: the persistent kernel on tiny shapes, correctness only
 """
 from __future__ import annotations
 
+import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from kernel_bench import gpu_ms, relative_error
+if "--interpret" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from kernel_bench import gpu_ms, relative_error  # noqa: E402
 
 sys.path.insert(0, ".")
 from sccsdxl import ffn_gemm as G  # noqa: E402
@@ -65,11 +69,12 @@ TMA_ROWS: list[str] = []  # the third table's rows
 
 
 def run_tma(values: torch.Tensor, scales: torch.Tensor, up: fused.Fp8RowWeight, tile: tuple[int, int, int, int],
-            out: torch.Tensor, out_scales: torch.Tensor) -> None:
+            out: torch.Tensor, out_scales: torch.Tensor, sms: int | None = None) -> None:
+    """The persistent kernel with one tile choice, on ``sms`` programs (the GPU's multiprocessors unless given)."""
     block_m, block_k, warps, stages = tile
     rows, k = values.shape
     n = up.weight.shape[0] // 2
-    sms = torch.cuda.get_device_properties(values.device).multi_processor_count
+    sms = sms or torch.cuda.get_device_properties(values.device).multi_processor_count
     tiles = triton.cdiv(rows, block_m) * (n // G.BLOCK)
     _geglu_gemm_tma_kernel[(min(sms, tiles),)](
         TensorDescriptor.from_tensor(values, [block_m, block_k]),
@@ -164,7 +169,27 @@ def run_case(name: str, rows: int, width: int) -> str:
             f"s{best.num_stages} |")
 
 
+def interpret() -> None:
+    """Triton's CPU interpreter: the persistent kernel on tiny shapes with partial row tiles and several tiles per
+    program (3 programs), against the kernel's definition; fp32 output (the interpreter's own e4m3 cast is not
+    exact). Rows: name | max error / max | scales equal."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    for rows, width, tile in ((70, 128, (64, 64, 4, 2)), (40, 256, (32, 128, 4, 2))):
+        up = G.Fp8GegluGemmFeedForward(FeedForward(width, mult=4, activation_fn="geglu").to(torch.bfloat16)).up
+        values, scales = fused.quantize_rows(torch.randn(rows, width).to(torch.bfloat16))
+        geglu = G.geglu_reference(values, scales, up)
+        out, out_scales = G._outputs(values, up.weight, torch.float32)
+        run_tma(values, scales, up, tile, out, out_scales, sms=3)
+        error = (G.dequantize_row_blocks(out, out_scales.t()) - geglu).abs().max() / geglu.abs().max()
+        same = torch.allclose(out_scales.t(), G.quantize_row_blocks(geglu)[1], rtol=1e-5)
+        print(f"| tiny {rows} rows, {width} wide, tile {tile} | {float(error):.2e} | {same} |")
+
+
 def main() -> None:
+    if "--interpret" in sys.argv:
+        return interpret()
     if not G.blockwise_gemm_available():
         sys.exit("fused_ffn_gemm needs a Hopper GPU, Triton and torch._scaled_mm's blockwise fp8 GEMM (cuBLAS 12.9+)")
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}\n")

@@ -1,4 +1,4 @@
-"""The fp8 kernel experiments in benchmarks/ (convolution, attention), run by Triton's CPU interpreter on tiny shapes:
+"""The fp8 kernel experiments in benchmarks/ (convolution, attention, the persistent GEGLU GEMM), run by Triton's CPU interpreter on tiny shapes:
 their kernels must compute what they claim before a GPU run times them."""
 import os
 import subprocess
@@ -92,3 +92,10 @@ def test_fp8_resnet_norm_and_convolution_match_the_kits_ops():
         # the norm kernel's own e4m3: Triton 3.8's interpreter converts fp32 to e4m3 wrongly where rounding carries
         # into the exponent (7.92 -> 4 instead of 8; the GPU's cvt rounds right), which about doubles the error here
         assert float(fp8_error) < 0.1, name
+
+
+def test_persistent_geglu_gemm_computes_the_kits_kernel():
+    rows = interpreted_rows("geglu_gemm_h200.py")
+    assert len(rows) == 2  # partial row tiles, several tiles per program, K steps of 64 and of 128
+    for name, error, scales_equal in rows:
+        assert float(error) < 1e-5 and scales_equal == "True", name

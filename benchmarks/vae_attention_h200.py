@@ -2,8 +2,8 @@
 
 cuDNN's and flash attention do not take a head that wide, so PyTorch runs its memory-efficient kernel: 4.5 ms per
 image of the decoder's 26.3 with vae_group_norms on the H200 (BENCHMARKS.md, session 12), about 125 TFLOP/s. Here
-that call (under the kit's sdpa=cudnn preference, as the decoder runs it) against the same attention as two batched
-GEMMs and a softmax, a few images at a time: the scores come out of the first GEMM in fp32 (as flash attention keeps
+that call (under the kit's sdpa=cudnn preference, as the decoder runs it) against the same attention as
+sccsdxl.vae_attention.attention_by_gemms computes it, two batched GEMMs and a softmax, a few images at a time: the scores come out of the first GEMM in fp32 (as flash attention keeps
 them), the softmax reads them in fp32 and writes bf16 probabilities, which the second GEMM multiplies by the values.
 Eager and compiled. Each is checked against the attention in fp32 on two images, then timed at 50 images (what a
 batch of 50 decodes). Run from the repo root on a GPU node:
@@ -19,6 +19,7 @@ from kernel_bench import gpu_ms, relative_error
 
 sys.path.insert(0, ".")
 from sccsdxl.quant import sdpa_context  # noqa: E402
+from sccsdxl.vae_attention import attention_by_gemms  # noqa: E402
 
 IMAGES, TOKENS, WIDTH = 50, 128 * 128, 512
 FLOP = 4 * IMAGES * TOKENS * TOKENS * WIDTH  # two GEMMs of 2 * tokens^2 * width each, per image
@@ -30,17 +31,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
-def two_gemms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(images, tokens, width) q, k, v -> softmax(q k^T / sqrt(width)) v, ``chunk`` images at a time."""
-    out = torch.empty_like(q)
-    for start in range(0, q.shape[0], chunk):
-        part = slice(start, start + chunk)
-        scores = torch.bmm(q[part], k[part].transpose(1, 2), out_dtype=torch.float32)
-        probabilities = torch.softmax(scores * q.shape[-1] ** -0.5, dim=-1).to(q.dtype)
-        out[part] = torch.bmm(probabilities, v[part])
-    return out
-
-
 def main() -> None:
     torch.manual_seed(0)
     # a GroupNorm's output through a linear: unit-scale rows, as the decoder's q, k, v
@@ -48,8 +38,10 @@ def main() -> None:
     truth = F.scaled_dot_product_attention(q[:2].float(), k[:2].float(), v[:2].float())
     variants = {"memory-efficient SDPA (what runs now)": sdpa}
     for chunk in (2, 5, 10):
-        variants[f"two GEMMs + softmax, {chunk} images at a time"] = lambda q, k, v, c=chunk: two_gemms(q, k, v, c)
-    variants["the same compiled, 5 at a time"] = torch.compile(lambda q, k, v: two_gemms(q, k, v, 5))
+        variants[f"two GEMMs + softmax, {chunk} images at a time"] = \
+            lambda q, k, v, c=chunk: attention_by_gemms(q, k, v, WIDTH ** -0.5, c)
+    variants["the same compiled, 5 at a time"] = torch.compile(lambda q, k, v: attention_by_gemms(q, k, v,
+                                                                                                 WIDTH ** -0.5, 5))
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; {IMAGES} images, {TOKENS} tokens, "
           f"one head {WIDTH} wide\n")
     print("| attention | rel. error vs fp32 (2 images) | ms per 50 images | ms per image | TFLOP/s | peak GiB |")

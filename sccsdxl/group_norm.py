@@ -289,12 +289,12 @@ class GroupNormResnetBlock(torch.nn.Module):
         return shift
 
 
-def fuse_group_norms(unet: torch.nn.Module) -> dict:
+def fuse_group_norms(model: torch.nn.Module) -> dict:
     """Swap the GroupNorms of a UNet (or a VAE decoder) for group_norm's kernels: every ResnetBlock2D that
     can_fuse_resnet accepts, every Transformer2DModel's input norm and the output norm with its SiLU. Returns how
     many of each."""
     counts = {"resnets": 0, "transformer_norms": 0, "output_norm": 0}
-    for parent in list(unet.modules()):
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if can_fuse_resnet(child):
                 setattr(parent, name, GroupNormResnetBlock(child))
@@ -302,9 +302,9 @@ def fuse_group_norms(unet: torch.nn.Module) -> dict:
             elif type(parent).__name__ == "Transformer2DModel" and name == "norm" and _is_group_norm(child):
                 parent.norm = GroupNormSiLU(child)
                 counts["transformer_norms"] += 1
-    if _is_group_norm(getattr(unet, "conv_norm_out", None)) and isinstance(getattr(unet, "conv_act", None),
+    if _is_group_norm(getattr(model, "conv_norm_out", None)) and isinstance(getattr(model, "conv_act", None),
                                                                            torch.nn.SiLU):
-        unet.conv_norm_out, unet.conv_act = GroupNormSiLU(unet.conv_norm_out, silu=True), torch.nn.Identity()
+        model.conv_norm_out, model.conv_act = GroupNormSiLU(model.conv_norm_out, silu=True), torch.nn.Identity()
         counts["output_norm"] = 1
     return counts
 

@@ -92,6 +92,15 @@ def tiny_unet_inputs(unet, device: str = "cpu", dtype=None, seed: int = 1):
     return sample, text, added
 
 
+def tiny_vae_decode(pipe, images: int = 2, device: str = "cpu", dtype=None):
+    """One fixed decode of ``images`` random latents by the tiny pipeline's VAE, as a function."""
+    import torch
+
+    torch.manual_seed(2)
+    latents = torch.randn(images, 4, 16, 16, device=device, dtype=dtype or torch.float32)
+    return lambda: pipe.vae.decode(latents, return_dict=False)[0]
+
+
 def tiny_unet_call(unet, device: str = "cpu", dtype=None):
     """One fixed forward of a tiny UNet (2 rows), as a function returning a copy of its output (a CUDA graph
     replay overwrites the output it returned before)."""

@@ -10,7 +10,7 @@ from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.quant import apply_optimizations, check_optimizations, parse_optimizations
 
-from conftest import relative_error
+from conftest import relative_error, tiny_vae_decode
 
 
 @pytest.mark.parametrize("images, chunk", [(5, 2), (3, 5), (4, 1)])  # a last chunk short, one chunk, one each
@@ -25,9 +25,7 @@ def tiny_decode(fuse_qkv: bool):
     pipe = build_random_pipeline("tiny", "fp32", "cpu")
     if fuse_qkv:
         pipe.fuse_qkv_projections()
-    torch.manual_seed(2)
-    latents = torch.randn(3, 4, 16, 16)
-    return pipe, lambda: pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe, tiny_vae_decode(pipe, images=3)
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])

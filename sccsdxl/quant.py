@@ -280,7 +280,7 @@ def is_compiled(info: dict) -> bool:
     return bool(info.get("compiled_regions") or info.get("compiled_vae_regions"))
 
 
-def _static_graphs() -> None:
+def static_graphs() -> None:
     """One static graph per batch shape: a ragged batch must not switch every later call to dynamic-shape kernels."""
     import torch
 
@@ -291,7 +291,7 @@ def _static_graphs() -> None:
 def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
     """Compile every submodule whose class is named in ``names``, each as one full graph with these inductor
     ``options``; returns how many."""
-    _static_graphs()
+    static_graphs()
     count = 0
     for module in root.modules():
         if type(module).__name__ in names:

@@ -59,6 +59,9 @@ OPTIONS: dict[str, str] = {
     "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
                            "attention do not take) as two GEMMs and a softmax, a few images at a time, compiled "
                            "(sccsdxl.vae_attention)",
+    "nhwc_transformer_outputs": "with channels_last: each Transformer2DModel of the UNet hands its output on in "
+                                "channels_last memory (diffusers' makes it NCHW, so the ResNet blocks, samplers and "
+                                "skip concatenations after it ran on mixed layouts)",
     "folded_upsamplers": "each 2x nearest upsampler of the UNet and VAE decoder and the 3x3 convolution after it as "
                          "one 2x2 convolution of the small image with four times the outputs, then interleaved: "
                          "the same sums with 16 multiplications for 36 (sccsdxl.upsample)",
@@ -99,6 +102,7 @@ class Optimizations:
     vae_group_norms: bool = False
     vae_attention_gemms: bool = False
     folded_upsamplers: bool = False
+    nhwc_transformer_outputs: bool = False
     text_kv_once: bool = False
     sdpa: str = "auto"
 
@@ -153,7 +157,7 @@ def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "folded_upsamplers",
-             "text_kv_once"]
+             "nhwc_transformer_outputs", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"]
@@ -220,6 +224,9 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("fused_group_norms"))
+    if opts.nhwc_transformer_outputs and not opts.channels_last:
+        problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
+                        "add channels_last")
     if opts.vae_attention_gemms and not opts.compile_vae:
         problems.append("vae_attention_gemms is only faster compiled: add compile_vae")
     if opts.vae_group_norms and not _fused_kernel_available():
@@ -385,6 +392,25 @@ def _nhwc_input(module, args):
     return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
 
 
+def _nhwc_output(module, args, output):
+    """Forward hook: a Transformer2DModel's output in channels_last memory (option nhwc_transformer_outputs)."""
+    import torch
+
+    if isinstance(output, tuple):
+        return (output[0].contiguous(memory_format=torch.channels_last),) + tuple(output[1:])
+    return type(output)(sample=output.sample.contiguous(memory_format=torch.channels_last))
+
+
+def keep_transformer_outputs_nhwc(unet) -> int:
+    """Hook every Transformer2DModel of the UNet to hand its output on in channels_last memory; returns how many.
+    Registered before the first call, the hook is part of the compiled region (compile_transformers), where the
+    copy fuses with the residual add before it."""
+    transformers = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    for transformer in transformers:
+        transformer.register_forward_hook(_nhwc_output)
+    return len(transformers)
+
+
 def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None = None) -> dict:
     """Change the loaded pipeline in place; returns what was done (for run records)."""
     import torch
@@ -407,6 +433,8 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .vae_attention import swap_vae_attention
 
         info["vae_attention_gemms"] = swap_vae_attention(pipe.vae.decoder)
+    if opts.nhwc_transformer_outputs:
+        info["nhwc_transformer_outputs"] = keep_transformer_outputs_nhwc(pipe.unet)
     if opts.folded_upsamplers:  # after the layout changes (it keeps its weights' layout), before compiling
         from .upsample import fold_upsamplers
 

@@ -59,6 +59,7 @@ def test_configuration_needs_a_dtype():
     ("fused_ffn_gemm", "bf16", "fused_ffn_gemm runs the feed-forward's projections in fp8: add fp8"),
     ("fp8,fused_ffn_gemm,fused_geglu", "bf16", "fused_ffn_gemm takes the place of fused_geglu"),
     ("fp8,fused_ffn_gemm", "bf16", "blockwise fp8 GEMM .* Hopper GPUs only"),
+    ("nhwc_transformer_outputs", "bf16", "nhwc_transformer_outputs keeps .* add channels_last"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -104,6 +105,54 @@ def test_whole_transformers_vae_regions_and_channels_last_build_on_the_cpu(tiny_
     result = quant.compare_images(options, reference_images, runner.generate(PROMPTS))
     assert result.mean_psnr_db > 40 and not result.broken
     assert seen == [True]  # the UNet's NHWC latents reach the decoder as NCHW
+
+
+def _layouts_seen(unet) -> dict[str, list[bool]]:
+    """Hooks on the UNet's transformers, ResNet blocks and samplers that note, per class, whether each input and
+    output of a call was channels_last."""
+    seen: dict[str, list[bool]] = {}
+
+    def note(module, args, output):
+        out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        seen.setdefault(type(module).__name__, []).extend(
+            x.is_contiguous(memory_format=torch.channels_last) for x in (args[0], out))
+    for module in unet.modules():
+        if type(module).__name__ in ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            module.register_forward_hook(note)
+    return seen
+
+
+def test_nhwc_transformer_outputs_keeps_the_unet_channels_last_throughout():
+    """diffusers' Transformer2DModel hands on NCHW memory, so with channels_last alone the ResNet blocks and
+    samplers after it run on NCHW inputs; with the option every input and output is channels_last, the same
+    values up to rounding."""
+    outputs, layouts = {}, {}
+    for options in ("channels_last", "channels_last,nhwc_transformer_outputs"):
+        pipe = build_random_pipeline("tiny", "fp32", "cpu")
+        info = quant.apply_optimizations(pipe, quant.parse_optimizations(options))
+        layouts[options] = _layouts_seen(pipe.unet)
+        outputs[options] = tiny_unet_call(pipe.unet, dtype=torch.float32)()
+    assert info["nhwc_transformer_outputs"] == len(layouts[options]["Transformer2DModel"]) // 2 > 0
+    assert not all(all(seen) for seen in layouts["channels_last"].values())
+    assert all(all(seen) for seen in layouts[options].values()), layouts[options]
+    assert torch.allclose(outputs[options], outputs["channels_last"], atol=1e-5)  # convolutions sum in another order
+
+
+def test_the_transformers_channels_last_output_holds_when_compiled():
+    """compile_transformers compiles each Transformer2DModel with its hooks: the compiled one hands on
+    channels_last too (here the CPU path)."""
+    pipe = build_random_pipeline("tiny", "fp32", "cpu")
+    quant.apply_optimizations(pipe, quant.parse_optimizations("channels_last,nhwc_transformer_outputs"))
+    transformer = next(m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel")
+    width = transformer.config.in_channels
+    x = torch.randn(2, width, 8, 8).contiguous(memory_format=torch.channels_last)
+    text = torch.randn(2, 77, transformer.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = transformer(x, encoder_hidden_states=text, return_dict=False)[0]
+        transformer.compile(backend="aot_eager", fullgraph=True)
+        out = transformer(x, encoder_hidden_states=text, return_dict=False)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("options,tuned", [("compile,compile_vae", False), ("compile,compile_vae,autotune", True)])

@@ -380,16 +380,12 @@ def _new_cuda_graph_step(module, args):
     torch.compiler.cudagraph_mark_step_begin()
 
 
-def _nchw_input(module, args):
-    """Forward pre-hook: hand the VAE decoder contiguous (NCHW) latents."""
-    return (args[0].contiguous(),) + tuple(args[1:])
-
-
-def _nhwc_input(module, args):
-    """Forward pre-hook: hand the VAE decoder channels_last latents (option vae_group_norms)."""
-    import torch
-
-    return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+def _input_in(memory_format):
+    """A forward pre-hook that hands its module the first input in ``memory_format`` (the VAE decoder its latents:
+    NCHW, or channels_last with vae_group_norms)."""
+    def hook(module, args):
+        return (args[0].contiguous(memory_format=memory_format),) + tuple(args[1:])
+    return hook
 
 
 def _nhwc_output(module, args, output):
@@ -403,8 +399,7 @@ def _nhwc_output(module, args, output):
 
 def keep_transformer_outputs_nhwc(unet) -> int:
     """Hook every Transformer2DModel of the UNet to hand its output on in channels_last memory; returns how many.
-    Registered before the first call, the hook is part of the compiled region (compile_transformers), where the
-    copy fuses with the residual add before it."""
+    Registered before the first call, the hook is part of the compiled region (compile_transformers)."""
     transformers = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
     for transformer in transformers:
         transformer.register_forward_hook(_nhwc_output)
@@ -425,10 +420,11 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .group_norm import fuse_group_norms
 
         pipe.vae.decoder.to(memory_format=torch.channels_last)
-        pipe.vae.decoder.register_forward_pre_hook(_nhwc_input)
+        pipe.vae.decoder.register_forward_pre_hook(_input_in(torch.channels_last))
         info["vae_group_norms"] = fuse_group_norms(pipe.vae.decoder)
     elif opts.channels_last:
-        pipe.vae.decoder.register_forward_pre_hook(_nchw_input)  # the UNet's NHWC latents would make it NHWC
+        # the UNet's NHWC latents would make it NHWC
+        pipe.vae.decoder.register_forward_pre_hook(_input_in(torch.contiguous_format))
     if opts.vae_attention_gemms:  # before compile_vae_regions, which compiles the module it swaps in
         from .vae_attention import swap_vae_attention
 

@@ -10,8 +10,13 @@ and call counts. It guides which option to build next; throughput figures come o
 
 Run from the repo root on a GPU node:
   python3 benchmarks/profile_h200.py OUT_DIR ROWS VAE_IMAGES SPEC [SPEC ...]
-SPEC is  unet:<optimizations>  or  vae:<optimizations>, e.g.  "unet:fuse_qkv,compile,fp8,sdpa=cudnn".
-ROWS is the UNet batch (2 rows per image). LIMIT (env, default 240) bounds each first call in seconds, at best
+SPEC is  unet:<optimizations>,  vae:<optimizations>  or  pipe:<optimizations>, e.g.
+"unet:fuse_qkv,compile,fp8,sdpa=cudnn". ROWS is the UNet batch (2 rows per image); VAE_IMAGES is the decoder's
+batch, and for pipe: the number of captions of one whole generate call (text encoders, 20 UNet steps, decode,
+copy to the host, as a loadgen batch runs), whose GPU-busy time is set against its wall time to show how long the
+GPU waited on the host. CACHE_DIR (env) is every configuration's compile cache instead of a new directory each:
+CACHE_DIR=bench-runs/rep/cache after `repeat_h200.py ... bench-runs/rep ...` in the same call starts its
+configurations warm. LIMIT (env, default 240) bounds each first call in seconds, at best
 effort: an alarm that lands inside inductor's parallel kernel compilation is caught there and the call goes
 on. SIZE=tiny DEVICE=cpu runs the same code on the tiny pipeline (a smoke test; its times mean nothing).
 """
@@ -28,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, ".")
-from sccsdxl.pipeline import build_random_pipeline, free_gpu_memory  # noqa: E402
+from sccsdxl.data import sample_set  # noqa: E402
+from sccsdxl.pipeline import build_random_pipeline, free_gpu_memory, make_runner  # noqa: E402
 from sccsdxl.quant import apply_optimizations, own_inductor_settings, parse_optimizations, sdpa_context  # noqa: E402
 
 KINDS = (  # first match wins; names of cuBLAS, CUTLASS, cuDNN, flash and Triton kernels
@@ -92,8 +98,11 @@ def profile(fn) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) as prof:
+        sync()
+        started = time.perf_counter()
         fn()
         sync()
+        wall_ms = (time.perf_counter() - started) * 1000
     kernels: dict[str, float] = {}
     calls: dict[str, int] = {}
     for event in prof.events():
@@ -106,7 +115,7 @@ def profile(fn) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:40]
     by_kind = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-    return {"gpu_ms": round(sum(kernels.values()), 2), "by_kind": by_kind,
+    return {"wall_ms": round(wall_ms, 2), "gpu_ms": round(sum(kernels.values()), 2), "by_kind": by_kind,
             "top_kernels": [[name[:140], round(ms, 3), calls[name]] for name, ms in top]}  # name, total ms, calls
 
 
@@ -128,15 +137,35 @@ def vae_call(pipe, images: int):
     return lambda: pipe.vae.decode(latents, return_dict=False)[0]
 
 
+def pipe_call(runner, images: int):
+    """One whole batch as loadgen's worker runs it: the benchmark's captions, latent and settings."""
+    captions = [sample_set("base").caption(i) for i in range(images)]
+    return lambda: runner.generate(captions)
+
+
+REPEATS = {"unet": 5, "vae": 7, "pipe": 2}  # timed calls after two warm ones (pipe: one, each takes seconds)
+
+
+def build(part: str, text: str, rows: int, vae_images: int, cache_dir: Path):
+    """The call to time and what apply_optimizations did; pipe: builds the runner a loadgen run uses."""
+    if part == "pipe":
+        runner = make_runner("synthetic" if SIZE == "full" else "tiny", "bf16", DEVICE, cache_dir=str(cache_dir),
+                             optimizations=text)
+        return pipe_call(runner, vae_images), runner.info
+    pipe = build_random_pipeline(SIZE, "bf16", DEVICE)
+    applied = apply_optimizations(pipe, parse_optimizations(text), cache_dir)
+    return (unet_call(pipe, rows) if part == "unet" else vae_call(pipe, vae_images)), applied
+
+
 def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) -> dict:
     part, _, text = spec.partition(":")
+    if part not in REPEATS:
+        raise SystemExit(f"spec {spec!r}: start it with unet:, vae: or pipe:")
     opts = parse_optimizations(text)
     row: dict = {"spec": spec}
-    torch._dynamo.reset()  # every configuration compiles cold: nothing reused from the one before
-    pipe = build_random_pipeline(SIZE, "bf16", DEVICE)
+    torch._dynamo.reset()  # every configuration compiles cold (unless CACHE_DIR holds its kernels)
     with own_inductor_settings():
-        row["applied"] = apply_optimizations(pipe, opts, cache_dir)
-        call = unet_call(pipe, rows) if part == "unet" else vae_call(pipe, vae_images)
+        call, row["applied"] = build(part, text, rows, vae_images, cache_dir)
         with torch.inference_mode(), sdpa_context(opts.sdpa):
             signal.alarm(limit)
             try:
@@ -149,10 +178,10 @@ def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) 
                 return row
             finally:
                 signal.alarm(0)
-            call_ms(call, 2)
+            call_ms(call, 1 if part == "pipe" else 2)
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = call_ms(call, 5 if part == "unet" else 7)
+            times = call_ms(call, REPEATS[part])
             row["ms"] = round(statistics.median(times), 2)
             row["spread_ms"] = [round(min(times), 2), round(max(times), 2)]
             per = rows / 2 if part == "unet" else vae_images
@@ -160,7 +189,9 @@ def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) 
             if DEVICE == "cuda":
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             row["profile"] = profile(call)
-    del pipe, call
+            if DEVICE == "cuda":  # kernels of one stream run one at a time: the wall time beyond their sum is idle
+                row["gpu_idle_ms"] = round(row["profile"]["wall_ms"] - row["profile"]["gpu_ms"], 2)
+    del call
     free_gpu_memory()
     return row
 
@@ -176,14 +207,16 @@ def main() -> None:
     started = time.time()
     for spec in specs:
         try:
-            row = measure(spec, rows, vae_images, out / "cache" / str(len(results)), limit)
+            cache = Path(os.environ["CACHE_DIR"]) if os.environ.get("CACHE_DIR") else out / "cache" / str(len(results))
+            row = measure(spec, rows, vae_images, cache, limit)
         except Exception as exc:  # noqa: BLE001 - one broken configuration must not lose the others
             row = {"spec": spec, "error": repr(exc)[:400]}
             free_gpu_memory()
         row["done_at_s"] = round(time.time() - started)
         results.append(row)
         summary = {k: v for k, v in row.items() if k not in ("profile", "applied")}
-        print(json.dumps({**summary, "by_kind": row.get("profile", {}).get("by_kind")}), flush=True)
+        print(json.dumps({**summary, "gpu_ms": row.get("profile", {}).get("gpu_ms"),
+                          "by_kind": row.get("profile", {}).get("by_kind")}), flush=True)
         (out / "profile.json").write_text(json.dumps({**header, "results": results}, indent=1))
     print("\n| spec | first call s | ms | ms/image | peak GiB |")
     for row in results:

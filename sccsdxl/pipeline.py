@@ -4,7 +4,7 @@ Sources:
   hf         stabilityai/stable-diffusion-xl-base-1.0 from the Hugging Face cache (fp16 variant for fp16)
   mlcommons  a local MLCommons checkpoint directory (checkpoint_pipe/ + checkpoint_scheduler/)
   synthetic  the full-size SDXL architecture with random weights: real compute, meaningless images
-  tiny       a small SDXL-shaped pipeline for CPU tests (64x64 images from a crop of the fixed latent)
+  tiny       a small SDXL-shaped pipeline for CPU tests (32x32 images from a crop of the fixed latent)
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ SDXL_TEXT2_CONFIG = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_siz
                      "projection_dim": 1280}
 
 # The tiny test pipeline: same classes and wiring, a few thousand times smaller.
-TINY_LATENT_SIZE = 32  # latent 4x32x32 (the top-left crop of the fixed latent), image 64x64
+TINY_LATENT_SIZE = 16  # latent 4x16x16 (the top-left crop of the fixed latent), image 32x32: CI-sized
 TINY_UNET_CONFIG = {
     "block_out_channels": [32, 64], "layers_per_block": 1, "sample_size": TINY_LATENT_SIZE, "in_channels": 4,
     "out_channels": 4, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],

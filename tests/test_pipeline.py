@@ -62,10 +62,10 @@ def test_encoding_is_the_references(tiny_runner):
 def test_tiny_images_are_uint8_and_independent_of_the_batch(tiny_runner):
     batch = tiny_runner.generate([FIRST_CAPTION, "a red bus", "a bowl of fruit"])
     alone = tiny_runner.generate(["a red bus"])
-    assert batch.shape == (3, 64, 64, 3) and batch.dtype == np.uint8
+    assert batch.shape == (3, 32, 32, 3) and batch.dtype == np.uint8
     assert np.abs(batch[1].astype(int) - alone[0]).max() <= 1
     assert not np.array_equal(batch[0], batch[1])  # the prompt matters
-    assert tiny_runner.response_shape == (64, 64, 3)
+    assert tiny_runner.response_shape == (32, 32, 3)
 
 
 def test_synthetic_is_the_full_size_sdxl_architecture():

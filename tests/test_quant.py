@@ -496,7 +496,16 @@ def test_shipped_parameter_files_name_known_configurations():
     assert all(quant.parse_config(c).name for c in configs)  # unknown options would raise ParameterError
 
 
-def test_inductor_options_set_while_building_a_configuration_do_not_leak(tmp_path, monkeypatch):
+@pytest.fixture
+def two_steps(monkeypatch):
+    """The tiny pipeline denoises in 2 steps instead of the benchmark's 20: for the tests of evaluate_configs's
+    bookkeeping, which run whole loadgen runs but never look at what the steps compute (10x less CPU time)."""
+    from sccsdxl import constants
+
+    monkeypatch.setattr(constants, "NUM_INFERENCE_STEPS", 2)
+
+
+def test_inductor_options_set_while_building_a_configuration_do_not_leak(tmp_path, monkeypatch, two_steps):
     """torchao's quantize_ turns on coordinate-descent tuning process-wide; the next configuration must not inherit it."""
     import torch._inductor.config as inductor
 
@@ -518,7 +527,7 @@ def test_inductor_options_set_while_building_a_configuration_do_not_leak(tmp_pat
     assert inductor.coordinate_descent_tuning == before is False
 
 
-def test_a_failing_configuration_is_a_row_and_a_second_evaluation_resumes(tmp_path, monkeypatch):
+def test_a_failing_configuration_is_a_row_and_a_second_evaluation_resumes(tmp_path, monkeypatch, two_steps):
     """An out-of-memory configuration is recorded as such and the others still run; finished rows are not redone."""
     import torch
 
@@ -571,7 +580,7 @@ def test_a_failed_warm_start_names_the_exception_and_keeps_its_output(tmp_path):
     assert len(list((tmp_path / "logs").glob("warm-start-*.log"))) == 2
 
 
-def test_a_failed_warm_start_keeps_the_configurations_measurements(tmp_path, monkeypatch):
+def test_a_failed_warm_start_keeps_the_configurations_measurements(tmp_path, monkeypatch, two_steps):
     """The cold run's speed and guard stand; the warm start's failure is reported beside them."""
     from sccsdxl import pipeline
     from sccsdxl.harness import RunConfig

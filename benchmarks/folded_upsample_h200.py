@@ -1,16 +1,19 @@
 """SDXL's five 2x upsamplers alone: diffusers' Upsample2D (nearest upsample, then a 3x3 convolution) against
-sccsdxl.upsample.FoldedUpsample (option folded_upsamplers: one 2x2 convolution with four times the outputs on the
-small image, then the phases interleaved), each compiled as the kit compiles it (one region), bf16, channels_last.
+sccsdxl.upsample.FoldedUpsample in its two forms, option folded_upsamplers (one 2x2 convolution with four times the
+outputs on the small image, then the phases interleaved) and option transposed_upsamplers (the same taps as one
+stride-2 transposed convolution), each compiled as the kit compiles it (one region), bf16, channels_last.
 
 The UNet's two at 50 rows (batch 25 with guidance), the VAE decoder's three at 10 images. Each is checked against
-the original in fp32 on the same weights and input, then timed; TFLOP/s counts the original's arithmetic (a 3x3
-convolution of the large image), so the folded form's figure is its effective rate. Run from the repo root:
+the original in fp32 on the same weights and input, then its first (compiling) call and its time are measured;
+TFLOP/s counts the original's arithmetic (a 3x3 convolution of the large image), so the folded forms' figures are
+effective rates. Run from the repo root:
   python3 benchmarks/folded_upsample_h200.py
 """
 from __future__ import annotations
 
 import copy
 import sys
+import time
 
 import torch
 from diffusers.models.upsampling import Upsample2D
@@ -26,6 +29,14 @@ SHAPES = [("UNet, 1280 ch, 32x32 -> 64x64", 50, 1280, 32), ("UNet, 640 ch, 64x64
           ("VAE, 256 ch, 512x512 -> 1024x1024", 10, 256, 512)]
 
 
+def first_call_s(module, x) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    module(x)
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def row(name: str, images: int, channels: int, side: int) -> str:
     torch.manual_seed(0)
     original = Upsample2D(channels, use_conv=True, out_channels=channels).cuda()
@@ -33,27 +44,31 @@ def row(name: str, images: int, channels: int, side: int) -> str:
     with torch.no_grad():
         reference = original(x[:2])
         bf16 = original.to(torch.bfloat16).to(memory_format=torch.channels_last)
-        folded = FoldedUpsample(copy.deepcopy(bf16))
+        modules = [bf16, FoldedUpsample(copy.deepcopy(bf16)), FoldedUpsample(copy.deepcopy(bf16), transposed=True)]
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        errors = [relative_error(m(x[:2]), reference) for m in (bf16, folded)]
-        for module in (bf16, folded):
+        errors = [relative_error(m(x[:2]), reference) for m in modules]
+        for module in modules:
             module.compile(fullgraph=True)
-        out = folded(x)
-        layout = out.is_contiguous(memory_format=torch.channels_last)
-        difference = relative_error(out, bf16(x))
-        ms = [gpu_ms(lambda m=m: m(x)) for m in (bf16, folded)]
+        compile_s = [first_call_s(m, x) for m in modules]
+        outs = [m(x) for m in modules]
+        layouts = [out.is_contiguous(memory_format=torch.channels_last) for out in outs[1:]]
+        differences = [relative_error(out, outs[0]) for out in outs[1:]]
+        del outs
+        ms = [gpu_ms(lambda m=m: m(x)) for m in modules]
     flop = 2 * images * (2 * side) ** 2 * channels * channels * 9
-    rates = [flop / t / 1e9 for t in ms]
-    return (f"| {name} | {errors[0]:.4f} / {errors[1]:.4f} | {difference:.4f} | {layout} | {ms[0]:.3f} ({rates[0]:.0f}) "
-            f"| {ms[1]:.3f} ({rates[1]:.0f}) | {ms[0] / ms[1]:.2f}x |")
+    timed = " | ".join(f"{t:.3f} ({flop / t / 1e9:.0f})" for t in ms)
+    return (f"| {name} | {' / '.join(f'{e:.4f}' for e in errors)} | {' / '.join(f'{d:.4f}' for d in differences)} "
+            f"| {' / '.join(str(v) for v in layouts)} | {' / '.join(f'{c:.1f}' for c in compile_s)} | {timed} "
+            f"| {ms[0] / ms[1]:.2f}x / {ms[0] / ms[2]:.2f}x |")
 
 
 def main() -> None:
     static_graphs()  # one graph per shape, as the kit compiles (automatic dynamic shapes off)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
-    print("| upsampler | rel. error vs fp32: original / folded | folded vs original, bf16 | folded output "
-          "channels_last | ms: original, compiled (TFLOP/s) | folded, compiled (effective TFLOP/s) | speedup |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| upsampler | rel. error vs fp32: original / folded / transposed | folded / transposed vs original, bf16 "
+          "| channels_last out: folded / transposed | first call s: original / folded / transposed "
+          "| ms: original (TFLOP/s) | folded (effective) | transposed (effective) | speedup: folded / transposed |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         print(row(*shape), flush=True)
 

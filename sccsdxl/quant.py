@@ -65,6 +65,9 @@ OPTIONS: dict[str, str] = {
     "folded_upsamplers": "each 2x nearest upsampler of the UNet and VAE decoder and the 3x3 convolution after it as "
                          "one 2x2 convolution of the small image with four times the outputs, then interleaved: "
                          "the same sums with 16 multiplications for 36 (sccsdxl.upsample)",
+    "transposed_upsamplers": "in place of folded_upsamplers: the same folded taps as one stride-2 transposed "
+                             "convolution with 4x4 taps, which writes the four phases interleaved itself "
+                             "(sccsdxl.upsample)",
     "text_kv_once": "each cross-attention's key/value projection of the text computed once per batch instead of "
                     "at every step (the text is the same at all 20): the same arithmetic, less of it "
                     "(sccsdxl.text_cache)",
@@ -102,6 +105,7 @@ class Optimizations:
     vae_group_norms: bool = False
     vae_attention_gemms: bool = False
     folded_upsamplers: bool = False
+    transposed_upsamplers: bool = False
     nhwc_transformer_outputs: bool = False
     text_kv_once: bool = False
     sdpa: str = "auto"
@@ -157,7 +161,7 @@ def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "folded_upsamplers",
-             "nhwc_transformer_outputs", "text_kv_once"]
+             "transposed_upsamplers", "nhwc_transformer_outputs", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"]
@@ -227,6 +231,9 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")
+    if opts.folded_upsamplers and opts.transposed_upsamplers:
+        problems.append("transposed_upsamplers takes the place of folded_upsamplers (both replace the upsamplers): "
+                        "name one")
     if opts.vae_attention_gemms and not opts.compile_vae:
         problems.append("vae_attention_gemms is only faster compiled: add compile_vae")
     if opts.vae_group_norms and not _fused_kernel_available():
@@ -431,10 +438,12 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         info["vae_attention_gemms"] = swap_vae_attention(pipe.vae.decoder)
     if opts.nhwc_transformer_outputs:
         info["nhwc_transformer_outputs"] = keep_transformer_outputs_nhwc(pipe.unet)
-    if opts.folded_upsamplers:  # after the layout changes (it keeps its weights' layout), before compiling
+    if opts.folded_upsamplers or opts.transposed_upsamplers:  # after the layout changes, whose layout it keeps
         from .upsample import fold_upsamplers
 
-        info["folded_upsamplers"] = fold_upsamplers(pipe.unet) + fold_upsamplers(pipe.vae.decoder)
+        transposed = opts.transposed_upsamplers
+        info["transposed_upsamplers" if transposed else "folded_upsamplers"] = (
+            fold_upsamplers(pipe.unet, transposed) + fold_upsamplers(pipe.vae.decoder, transposed))
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:

@@ -7,6 +7,10 @@ the 3x3 taps: 16 multiplications per output pixel and channel pair instead of 36
 convolution with four times the output channels, then the phases are interleaved into the large image. The
 result is the same sums (the folded taps are added in fp32, then rounded once to the weights' dtype).
 
+Option transposed_upsamplers runs the same four 2x2 kernels as one stride-2 transposed convolution with 4x4 taps:
+output row 2i + a reads input rows i - 1 + a and i + a through taps 3 - a and 1 - a, so the convolution library
+writes the phases interleaved itself, with no second pass over the large image.
+
 SDXL has five such upsamplers: two in the UNet (1280 channels at 64x64, 640 at 128x128 out) and three in the VAE
 decoder (512 at 256x256 and 512x512, 256 at 1024x1024 out), 15 % of the UNet's and 28 % of the decoder's
 convolution arithmetic.
@@ -29,6 +33,18 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
     taps = torch.tensor(_TAPS_BY_PHASE, dtype=torch.float32, device=weight.device)  # (phase, 2, 3)
     phases = [torch.einsum("ph,qw,oihw->oipq", taps[a], taps[b], weight.float()) for a in (0, 1) for b in (0, 1)]
     return torch.cat(phases).to(weight.dtype)
+
+
+# for transposed_upsamplers: which 3x3 tap rows each of the 4 transposed-convolution tap rows sums (stride 2,
+# padding 1): tap 3 and 1 serve even output rows (input rows i-1 and i), taps 2 and 0 odd ones (rows i and i+1)
+_TAPS_BY_TRANSPOSED_ROW = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel (out, in, 3, 3) -> the stride-2 transposed convolution's (in, out, 4, 4) that computes the 2x
+    nearest upsample and the convolution, summed in fp32."""
+    taps = torch.tensor(_TAPS_BY_TRANSPOSED_ROW, dtype=torch.float32, device=weight.device)
+    return torch.einsum("kh,lw,oihw->iokl", taps, taps, weight.float()).to(weight.dtype)
 
 
 def interleave_phases(phases: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -54,27 +70,32 @@ def can_fold(module: torch.nn.Module) -> bool:
 
 
 class FoldedUpsample(torch.nn.Module):
-    """Stands in for an Upsample2D that can_fold accepts; an output size other than twice the input's is upsampled
-    to and convolved as the original does."""
+    """Stands in for an Upsample2D that can_fold accepts: one 2x2 convolution with four times the outputs and an
+    interleave, or (``transposed``) one stride-2 transposed convolution; an output size other than twice the
+    input's is upsampled to and convolved as the original does."""
 
-    def __init__(self, upsample: torch.nn.Module):
+    def __init__(self, upsample: torch.nn.Module, transposed: bool = False):
         super().__init__()
+        self.transposed = transposed
         self.conv = upsample.conv if upsample.name == "conv" else upsample.Conv2d_0  # for other output sizes
-        weight = fold_weight(self.conv.weight.detach())
+        weight = (transposed_weight if transposed else fold_weight)(self.conv.weight.detach())
         if self.conv.weight.is_contiguous(memory_format=torch.channels_last):
             weight = weight.contiguous(memory_format=torch.channels_last)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         bias = self.conv.bias
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().repeat(4), requires_grad=False)
+        bias = None if bias is None else bias.detach() if transposed else bias.detach().repeat(4)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         height, width = hidden_states.shape[-2:]
         if output_size is not None and tuple(output_size) != (2 * height, 2 * width):
             return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
+        if self.transposed:
+            return F.conv_transpose2d(hidden_states, self.weight, self.bias, stride=2, padding=1)
         phases = F.conv2d(hidden_states, self.weight, self.bias, padding=1)
         return interleave_phases(phases, height, width)
 
 
-def fold_upsamplers(root: torch.nn.Module) -> int:
+def fold_upsamplers(root: torch.nn.Module, transposed: bool = False) -> int:
     """Swap every upsampler under ``root`` that can_fold accepts for a FoldedUpsample; returns how many."""
-    return swap_modules(root, can_fold, FoldedUpsample)
+    return swap_modules(root, can_fold, lambda upsample: FoldedUpsample(upsample, transposed))

@@ -1,4 +1,5 @@
-"""The 2x upsamplers folded into their convolutions (option folded_upsamplers): the same result as diffusers'."""
+"""The 2x upsamplers folded into their convolutions (options folded_upsamplers and transposed_upsamplers): the same
+result as diffusers'."""
 import copy
 
 import pytest
@@ -7,7 +8,8 @@ from diffusers.models.upsampling import Upsample2D
 
 from sccsdxl import upsample as U
 from sccsdxl.pipeline import build_random_pipeline
-from sccsdxl.quant import apply_optimizations, parse_optimizations
+from sccsdxl.errors import ParameterError
+from sccsdxl.quant import apply_optimizations, check_optimizations, parse_optimizations
 
 from conftest import relative_error, tiny_unet_call, tiny_vae_decode
 
@@ -17,31 +19,35 @@ from conftest import relative_error, tiny_unet_call, tiny_vae_decode
     (6, 10, 4, 4, False),  # more outputs than inputs, no bias
     (3, 3, 1, 1, True),  # one pixel: every tap but the centre's falls on the padding
 ])
-def test_the_folded_upsampler_computes_the_upsample_and_convolution(channels, out_channels, height, width, bias):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_folded_upsampler_computes_the_upsample_and_convolution(channels, out_channels, height, width, bias,
+                                                                    transposed):
     torch.manual_seed(0)
     original = Upsample2D(channels, use_conv=True, out_channels=out_channels, bias=bias)
     x = torch.randn(2, channels, height, width)
     with torch.no_grad():
-        assert torch.allclose(U.FoldedUpsample(original)(x), original(x), atol=1e-5)
+        assert torch.allclose(U.FoldedUpsample(original, transposed)(x), original(x), atol=1e-5)
 
 
-def test_each_phase_reads_the_taps_that_land_on_its_pixels():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_each_phase_reads_the_taps_that_land_on_its_pixels(transposed):
     """One input pixel and a kernel with a distinct power of two per tap: each output pixel's sum of taps says
     which taps the folding gave it."""
     original = Upsample2D(1, use_conv=True, bias=False)
     with torch.no_grad():
         original.conv.weight.copy_(2.0 ** torch.arange(9.0).view(1, 1, 3, 3))
-        out = U.FoldedUpsample(original)(torch.ones(1, 1, 1, 1))[0, 0]
+        out = U.FoldedUpsample(original, transposed)(torch.ones(1, 1, 1, 1))[0, 0]
     # even output rows read taps rows 1-2, odd rows taps rows 0-1 (the other tap row falls on the zero padding)
     taps = 2.0 ** torch.arange(9.0).view(3, 3)
     expected = torch.tensor([[taps[1:, 1:].sum(), taps[1:, :2].sum()], [taps[:2, 1:].sum(), taps[:2, :2].sum()]])
     assert torch.equal(out, expected)
 
 
-def test_channels_last_stays_channels_last():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_channels_last_stays_channels_last(transposed):
     torch.manual_seed(0)
     original = Upsample2D(8, use_conv=True).to(memory_format=torch.channels_last)
-    folded = U.FoldedUpsample(original)
+    folded = U.FoldedUpsample(original, transposed)
     assert folded.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -50,13 +56,14 @@ def test_channels_last_stays_channels_last():
         assert torch.allclose(out, original(x), atol=1e-5)
 
 
-def test_an_output_size_other_than_twice_goes_the_original_way():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_an_output_size_other_than_twice_goes_the_original_way(transposed):
     torch.manual_seed(0)
     original = Upsample2D(4, use_conv=True)
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         for size in ((11, 11), (10, 10)):
-            assert torch.allclose(U.FoldedUpsample(original)(x, size), original(x, size), atol=1e-5)
+            assert torch.allclose(U.FoldedUpsample(original, transposed)(x, size), original(x, size), atol=1e-5)
 
 
 def test_upsamplers_that_do_something_else_are_left_alone():
@@ -67,25 +74,34 @@ def test_upsamplers_that_do_something_else_are_left_alone():
         assert not U.can_fold(other), other
 
 
-def test_the_tiny_unet_and_decoder_give_the_same_with_the_option():
+@pytest.mark.parametrize("option", ["folded_upsamplers", "transposed_upsamplers"])
+def test_the_tiny_unet_and_decoder_give_the_same_with_the_option(option):
     pipe = build_random_pipeline("tiny", "fp32", "cpu")
     unet_forward, decode = tiny_unet_call(pipe.unet, dtype=torch.float32), tiny_vae_decode(pipe, images=2)
     upsamplers = [m for m in [*pipe.unet.modules(), *pipe.vae.decoder.modules()] if U.can_fold(m)]
     assert upsamplers
     with torch.no_grad():
         before = unet_forward(), decode()
-        info = apply_optimizations(pipe, parse_optimizations("folded_upsamplers"))
+        info = apply_optimizations(pipe, parse_optimizations(option))
         after = unet_forward(), decode()
-    assert info["folded_upsamplers"] == len(upsamplers)
+    assert info[option] == len(upsamplers)
+    assert all(m.transposed == (option == "transposed_upsamplers")
+               for m in [*pipe.unet.modules(), *pipe.vae.decoder.modules()] if isinstance(m, U.FoldedUpsample))
     assert not any(U.can_fold(m) for m in [*pipe.unet.modules(), *pipe.vae.decoder.modules()])
     for a, b in zip(after, before):
         assert relative_error(a, b) < 1e-5
 
 
-def test_the_folded_upsampler_traces_as_one_graph():
+def test_the_two_forms_exclude_each_other():
+    with pytest.raises(ParameterError, match="transposed_upsamplers takes the place of folded_upsamplers"):
+        check_optimizations(parse_optimizations("folded_upsamplers,transposed_upsamplers"), "fp32", "cpu")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_folded_upsampler_traces_as_one_graph(transposed):
     """compile_resnets and compile_vae compile each FoldedUpsample whole (here the CPU path)."""
     torch.manual_seed(0)
-    folded = U.FoldedUpsample(Upsample2D(8, use_conv=True))
+    folded = U.FoldedUpsample(Upsample2D(8, use_conv=True), transposed)
     compiled = torch.compile(copy.deepcopy(folded), backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 8, 4, 6)
     with torch.no_grad():
@@ -96,7 +112,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run
 
 
 @gpu
-def test_compiled_folded_upsampler_agrees_with_diffusers_in_bf16_on_the_gpu():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compiled_folded_upsampler_agrees_with_diffusers_in_bf16_on_the_gpu(transposed):
     """The UNet's 640-channel upsampler at 4 rows, channels_last bf16, compiled as compile_resnets does (one static
     graph per shape): as close to the fp32 result as diffusers' own bf16 upsampler, and channels_last out."""
     from sccsdxl.quant import static_graphs
@@ -108,7 +125,7 @@ def test_compiled_folded_upsampler_agrees_with_diffusers_in_bf16_on_the_gpu():
     with torch.no_grad():
         reference = original(x)
         bf16 = original.to(torch.bfloat16).to(memory_format=torch.channels_last)
-        folded = U.FoldedUpsample(copy.deepcopy(bf16))
+        folded = U.FoldedUpsample(copy.deepcopy(bf16), transposed)
         folded.compile(fullgraph=True)
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         out = folded(x)

@@ -49,14 +49,20 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def interleave_phases(phases: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(images, 4 * out, height + 1, width + 1), phase (a, b) valid at [a:a + height, b:b + width] ->
-    (images, out, 2 * height, 2 * width), in the input's memory format."""
+    (images, out, 2 * height, 2 * width), in the input's memory format.
+
+    Output pixel (2i + a, 2j + b) is phase (a, b)'s pixel (i + a, j + b): a fixed step in memory for each of i, a,
+    j and b, so the whole interleave is one strided view of the phases and one copy out of it. (Built from slices
+    and stacks, inductor compiled it into intermediate buffers and, for channels_last, a transpose after them.)"""
     images, channels = phases.shape[0], phases.shape[1] // 4
-    split = phases.view(images, 2, 2, channels, height + 1, width + 1)
-    rows = [torch.stack([split[:, a, b, :, a:a + height, b:b + width] for b in (0, 1)], dim=-1) for a in (0, 1)]
-    out = torch.stack(rows, dim=-3).reshape(images, channels, 2 * height, 2 * width)
+    s_image, s_channel, s_row, s_column = phases.stride()
+    grid = phases.as_strided(  # (image, channel, i, a, j, b)
+        (images, channels, height, 2, width, 2),
+        (s_image, s_channel, s_row, 2 * channels * s_channel + s_row, s_column, channels * s_channel + s_column))
     if phases.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out.contiguous()
+        pixels = grid.permute(0, 2, 3, 4, 5, 1).reshape(images, 2 * height, 2 * width, channels)
+        return pixels.permute(0, 3, 1, 2)
+    return grid.reshape(images, channels, 2 * height, 2 * width)
 
 
 def can_fold(module: torch.nn.Module) -> bool:

@@ -108,6 +108,21 @@ def test_the_folded_upsampler_traces_as_one_graph(transposed):
         assert torch.allclose(compiled(x), folded(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_interleave_is_right_compiled_by_inductor(channels_last):
+    """The interleave is a strided view of the convolution's output: inductor must read it with the strides the
+    convolution wrote (here on the CPU, whose inductor lowers the view as on a GPU)."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    original = Upsample2D(16, use_conv=True).to(memory_format=memory_format)
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=memory_format)
+    compiled = torch.compile(U.FoldedUpsample(original), fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+        assert torch.allclose(out, original(x), atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the H200)")
 
 

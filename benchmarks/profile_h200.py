@@ -143,29 +143,29 @@ def pipe_call(runner, images: int):
     return lambda: runner.generate(captions)
 
 
-REPEATS = {"unet": 5, "vae": 7, "pipe": 2}  # timed calls after two warm ones (pipe: one, each takes seconds)
+CALLS = {"unet": (2, 5), "vae": (2, 7), "pipe": (1, 2)}  # warm calls, then timed ones (a pipe call takes seconds)
 
 
-def build(part: str, text: str, rows: int, vae_images: int, cache_dir: Path):
+def build(part: str, opts, rows: int, vae_images: int, cache_dir: Path):
     """The call to time and what apply_optimizations did; pipe: builds the runner a loadgen run uses."""
     if part == "pipe":
         runner = make_runner("synthetic" if SIZE == "full" else "tiny", "bf16", DEVICE, cache_dir=str(cache_dir),
-                             optimizations=text)
+                             optimizations=str(opts))
         return pipe_call(runner, vae_images), runner.info
     pipe = build_random_pipeline(SIZE, "bf16", DEVICE)
-    applied = apply_optimizations(pipe, parse_optimizations(text), cache_dir)
+    applied = apply_optimizations(pipe, opts, cache_dir)
     return (unet_call(pipe, rows) if part == "unet" else vae_call(pipe, vae_images)), applied
 
 
 def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) -> dict:
     part, _, text = spec.partition(":")
-    if part not in REPEATS:
+    if part not in CALLS:
         raise SystemExit(f"spec {spec!r}: start it with unet:, vae: or pipe:")
     opts = parse_optimizations(text)
     row: dict = {"spec": spec}
     torch._dynamo.reset()  # every configuration compiles cold (unless CACHE_DIR holds its kernels)
     with own_inductor_settings():
-        call, row["applied"] = build(part, text, rows, vae_images, cache_dir)
+        call, row["applied"] = build(part, opts, rows, vae_images, cache_dir)
         with torch.inference_mode(), sdpa_context(opts.sdpa):
             signal.alarm(limit)
             try:
@@ -178,10 +178,11 @@ def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) 
                 return row
             finally:
                 signal.alarm(0)
-            call_ms(call, 1 if part == "pipe" else 2)
+            warm, timed = CALLS[part]
+            call_ms(call, warm)
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = call_ms(call, REPEATS[part])
+            times = call_ms(call, timed)
             row["ms"] = round(statistics.median(times), 2)
             row["spread_ms"] = [round(min(times), 2), round(max(times), 2)]
             per = rows / 2 if part == "unet" else vae_images

@@ -35,15 +35,13 @@ def fold_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(phases).to(weight.dtype)
 
 
-# for transposed_upsamplers: which 3x3 tap rows each of the 4 transposed-convolution tap rows sums (stride 2,
-# padding 1): tap 3 and 1 serve even output rows (input rows i-1 and i), taps 2 and 0 odd ones (rows i and i+1)
-_TAPS_BY_TRANSPOSED_ROW = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
-
-
 def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 kernel (out, in, 3, 3) -> the stride-2 transposed convolution's (in, out, 4, 4) that computes the 2x
     nearest upsample and the convolution, summed in fp32."""
-    taps = torch.tensor(_TAPS_BY_TRANSPOSED_ROW, dtype=torch.float32, device=weight.device)
+    # with stride 2 and padding 1, transposed tap row k = 3 - a - 2r serves the r-th input row of output phase a:
+    # the phases' tap rows ordered by (r, a), reversed
+    taps = torch.tensor(_TAPS_BY_PHASE, dtype=torch.float32, device=weight.device).transpose(0, 1).reshape(4, 3)
+    taps = taps.flip(0)
     return torch.einsum("kh,lw,oihw->iokl", taps, taps, weight.float()).to(weight.dtype)
 
 

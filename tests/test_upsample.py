@@ -7,8 +7,8 @@ import torch
 from diffusers.models.upsampling import Upsample2D
 
 from sccsdxl import upsample as U
-from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.errors import ParameterError
+from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.quant import apply_optimizations, check_optimizations, parse_optimizations
 
 from conftest import relative_error, tiny_unet_call, tiny_vae_decode

@@ -22,11 +22,15 @@ on. SIZE=tiny DEVICE=cpu runs the same code on the tiny pipeline (a smoke test; 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +96,43 @@ def call_ms(fn, reps: int) -> list[float]:
         sync()
         times.append((time.perf_counter() - started) * 1000)
     return times
+
+
+SAMPLED = ("sm_mhz", "memory_mhz", "power_w", "temperature_c", "clock_event_reasons")
+
+
+def summarize_samples(lines: list[str]) -> dict:
+    """nvidia-smi's CSV rows (the SAMPLED fields, no units) -> the clocks, power and temperature over the timed calls,
+    and every reason the driver gave for holding the clock down (a bit mask: 0x4 power cap, 0x20/0x40 thermal)."""
+    rows = [dict(zip(SAMPLED, (part.strip() for part in line.split(",")))) for line in lines if line.count(",") == 4]
+    numbers = {name: [float(r[name]) for r in rows if r[name].replace(".", "", 1).isdigit()] for name in SAMPLED[:4]}
+    if not rows or not numbers["sm_mhz"]:
+        return {}
+    summary = {f"{name}_mean": round(statistics.mean(v), 1) for name, v in numbers.items() if v}
+    summary |= {"sm_mhz_min": min(numbers["sm_mhz"]), "samples": len(rows),
+                "clock_event_reasons": sorted({r["clock_event_reasons"] for r in rows})}
+    return summary
+
+
+@contextlib.contextmanager
+def gpu_samples(result: dict, period_ms: int = 200):
+    """Sample the GPU's clocks, power and temperature while the body runs (cuda with nvidia-smi only): a clock held
+    under its maximum under sustained load slows every kernel against its figure measured alone."""
+    if DEVICE != "cuda" or not shutil.which("nvidia-smi"):
+        yield
+        return
+    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
+    with tempfile.TemporaryFile("w+") as log:
+        sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                    "-lms", str(period_ms), "-i", index], stdout=log, stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            sampler.terminate()
+            sampler.wait()
+            log.seek(0)
+            result["gpu_samples"] = summarize_samples(log.read().splitlines())
 
 
 def profile(fn) -> dict:
@@ -182,7 +223,8 @@ def measure(spec: str, rows: int, vae_images: int, cache_dir: Path, limit: int) 
             call_ms(call, warm)
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = call_ms(call, timed)
+            with gpu_samples(row):
+                times = call_ms(call, timed)
             row["ms"] = round(statistics.median(times), 2)
             row["spread_ms"] = [round(min(times), 2), round(max(times), 2)]
             per = rows / 2 if part == "unet" else vae_images

@@ -68,6 +68,9 @@ OPTIONS: dict[str, str] = {
     "transposed_upsamplers": "in place of folded_upsamplers: the same folded taps as one stride-2 transposed "
                              "convolution with 4x4 taps, which writes the four phases interleaved itself "
                              "(sccsdxl.upsample)",
+    "concat_in_resnets": "with compile_resnets: each UNet up block's skip concatenation runs inside the compiled "
+                         "region of the ResNet block that reads it, written by inductor instead of an eager torch.cat "
+                         "(sccsdxl.skip_concat)",
     "text_kv_once": "each cross-attention's key/value projection of the text computed once per batch instead of "
                     "at every step (the text is the same at all 20): the same arithmetic, less of it "
                     "(sccsdxl.text_cache)",
@@ -107,6 +110,7 @@ class Optimizations:
     folded_upsamplers: bool = False
     transposed_upsamplers: bool = False
     nhwc_transformer_outputs: bool = False
+    concat_in_resnets: bool = False
     text_kv_once: bool = False
     sdpa: str = "auto"
 
@@ -161,7 +165,7 @@ def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "folded_upsamplers",
-             "transposed_upsamplers", "nhwc_transformer_outputs", "text_kv_once"]
+             "transposed_upsamplers", "nhwc_transformer_outputs", "concat_in_resnets", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"]
@@ -234,6 +238,9 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.folded_upsamplers and opts.transposed_upsamplers:
         problems.append("transposed_upsamplers takes the place of folded_upsamplers (both replace the upsamplers): "
                         "name one")
+    if opts.concat_in_resnets and not opts.compile_resnets:
+        problems.append("concat_in_resnets moves the skip concatenations into the compiled ResNet regions: add "
+                        "compile,compile_resnets")
     if opts.vae_attention_gemms and not opts.compile_vae:
         problems.append("vae_attention_gemms is only faster compiled: add compile_vae")
     if opts.vae_group_norms and not _fused_kernel_available():
@@ -304,21 +311,21 @@ def static_graphs() -> None:
 
 def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
     """Compile every submodule whose class is named in ``names``, each as one full graph with these inductor
-    ``options``; returns how many."""
+    ``options``, except those inside one compiled already (its graph holds them); returns how many."""
     static_graphs()
-    count = 0
-    for module in root.modules():
-        if type(module).__name__ in names:
+    compiled: list[str] = []
+    for name, module in root.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(outer + ".") for outer in compiled):
             module.compile(fullgraph=True, options=options or None)
-            count += 1
-    return count
+            compiled.append(name)
+    return len(compiled)
 
 
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
     names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
     samplers = {"Downsample2D", "Upsample2D", "FoldedUpsample"}
-    names |= {"ResnetBlock2D", "GroupNormResnetBlock"} | samplers if resnets else set()
+    names |= {"ResnetBlock2D", "GroupNormResnetBlock", "ConcatResnet"} | samplers if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
     # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the
     # UNet, where it was measured (the VAE decoder's kernels at batch 50 move gigabytes each)
@@ -474,6 +481,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .text_cache import cache_text_projections
 
         info["text_projections_once"] = len(cache_text_projections(pipe.unet).caches)
+    if opts.concat_in_resnets:  # after fused_group_norms, whose blocks it wraps; before compile_regions
+        from .skip_concat import concat_in_resnets
+
+        info["concat_in_resnets"] = concat_in_resnets(pipe.unet)
     if opts.compiles:
         info.update(configure_inductor(opts, cache_dir))
     if opts.compile:

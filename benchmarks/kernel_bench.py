@@ -52,11 +52,13 @@ def print_row_table(header: str) -> None:
 
 
 def whole_row_config_rows(shape: str, kernel, run, moved_bytes: int) -> None:
-    """One row per configuration of a whole-row kernel's autotuning; ``run(rows, num_warps)`` runs one directly."""
+    """One row per configuration of a whole-row kernel's autotuning; ``run(rows, num_warps, **rest)`` runs one
+    directly, ``rest`` being the configuration's other choices in lower case (the LayerNorm kernel's ``split``)."""
     for config in kernel.configs:
         rows, warps = config.kwargs["ROWS"], config.num_warps
-        print(bandwidth_row(shape, f"kernel, {rows} rows per program, {warps} warps", lambda: run(rows, warps),
-                            moved_bytes, reps=50))
+        rest = {name.lower(): value for name, value in config.kwargs.items() if name != "ROWS"}
+        label = f"kernel, {rows} rows per program, {warps} warps" + "".join(f", {k} {v}" for k, v in rest.items())
+        print(bandwidth_row(shape, label, lambda: run(rows, warps, **rest), moved_bytes, reps=50))
 
 
 def inductor_rows(shape: str, label: str, fn, args: tuple, moved_bytes: int) -> None:

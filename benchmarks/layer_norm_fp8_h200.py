@@ -1,6 +1,7 @@
 """sccsdxl.fused's LayerNorm + fp8 row kernel (option fused_norms) alone, on the transformer blocks' shapes at batch 25.
 
-Times each configuration its autotuning chooses from and the autotuned call, with and without the residual add
+Times each configuration its autotuning chooses from (rows per program, warps, and the row padded to a power of two
+or split into a head and a tail) and the autotuned call, with and without the residual add
 before the norm, against the same work compiled by inductor (the add, torch's LayerNorm and torchao's per-row
 quantization: what the kit compiles without fused_norms), with and without inductor's multi_kernel; GB/s counts
 the bytes moved (read x, and the residual; write the sum, fp8 values and a scale per row). Run on a GPU node:
@@ -33,9 +34,10 @@ for name, (rows, width) in BLOCK_ROWS.items():
     for with_residual in (False, True):
         shape = f"{name} | {'yes' if with_residual else 'no'}"
         moved = rows * width * (7 if with_residual else 3) + rows * 4
-        whole_row_config_rows(shape, fused._layer_norm_fp8_rows_kernel, lambda per_program, warps: (
+        whole_row_config_rows(shape, fused._layer_norm_fp8_rows_kernel, lambda per_program, warps, split: (
             fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
-                                        norm.eps, values, scales, rows=per_program, num_warps=warps)), moved)
+                                        norm.eps, values, scales, rows=per_program, num_warps=warps, split=split)),
+                              moved)
         op = (lambda: fused.add_layer_norm_fp8_rows(x, residual, norm)) if with_residual else \
             (lambda: fused.layer_norm_fp8_rows(x, norm))
         print(bandwidth_row(shape, lambda: f"kernel, autotuned: {fused._layer_norm_fp8_rows_kernel.best_config}", op,

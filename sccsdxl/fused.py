@@ -23,7 +23,8 @@ Inductor's kernels for that work (LayerNorm fused with torchao's quantization) a
 norm kernels per forward at batch 25 on the H200 (GroupNorms are the rest); its coordinate-descent tuning
 (autotune) cut the norms from 79 to 54 ms in an earlier configuration, at a cold compile that now exceeds 18
 minutes (BENCHMARKS.md, sessions 4 and 8). The kernel reads each row once and writes it once, like the row kernel
-above.
+above; its autotuning chooses, besides rows per program and warps, whether a row is held padded to a power of two or
+as a head and tail like the GEGLU kernel's (1280 = 1024 + 256).
 """
 from __future__ import annotations
 
@@ -192,32 +193,72 @@ if triton is not None:
 
 
 if triton is not None:
-    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "HAS_RESIDUAL"])
+    def _layer_norm_configs() -> list:
+        """The whole-row choices, each with the row held padded to a power of two (1280 -> 2048 lanes) or, SPLIT, as
+        a power-of-two head and tail (1024 + 256): no idle lanes, so less arithmetic and fewer registers per row."""
+        return [triton.Config({**config.kwargs, "SPLIT": split}, num_warps=config.num_warps)
+                for config in _whole_row_configs() for split in (False, True)]
+
     @triton.jit
-    def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
-                                    n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                                    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """ROWS whole rows per program: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row.
-        The sum and the normalized row are rounded to the input's dtype on the way, as the unfused ops round them."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        at = rows[:, None] * n_cols + cols[None, :]
+    def _summed(x_ptr, residual_ptr, sum_ptr, at, mask, HAS_RESIDUAL: tl.constexpr):
+        """A tile of x in fp32; with a residual, x + residual rounded to x's dtype (as the unfused add) and stored."""
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x = (x + tl.load(residual_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
             tl.store(sum_ptr + at, x, mask=mask)
             x = x.to(tl.float32)
-        mean = tl.sum(x, axis=1) / n_cols
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        inverse_std = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        return x
+
+    @triton.jit
+    def _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols, dtype: tl.constexpr):
+        """The LayerNorm's output for a tile of centred rows, rounded to the input's dtype as the unfused op rounds."""
         weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        normed = centred * inverse_std[:, None] * weight[None, :] + bias[None, :]
-        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(normed), axis=1) / FP8_MAX, MIN_SCALE)
+        return (centred * inverse_std[:, None] * weight[None, :] + bias[None, :]).to(dtype).to(tl.float32)
+
+    @triton.autotune(configs=_layer_norm_configs(), key=["n_cols", "HAS_RESIDUAL"])
+    @triton.jit
+    def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
+                                    n_cols, eps, BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+                                    ROWS: tl.constexpr, SPLIT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS whole rows per program: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row.
+        The sum and the normalized row are rounded to the input's dtype on the way, as the unfused ops round them.
+        The row is one tile of BLOCK columns or, SPLIT, a HEAD tile and a TAIL tile."""
+        dtype: tl.constexpr = x_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows[:, None] < n_rows
+        if SPLIT:
+            cols = tl.arange(0, HEAD)
+        else:
+            cols = tl.arange(0, BLOCK)
+        mask = row_mask & (cols[None, :] < n_cols)
+        x = _summed(x_ptr, residual_ptr, sum_ptr, rows[:, None] * n_cols + cols[None, :], mask, HAS_RESIDUAL)
+        total = tl.sum(x, axis=1)
+        if SPLIT and TAIL > 0:
+            tail_cols = HEAD + tl.arange(0, TAIL)
+            tail_mask = row_mask & (tail_cols[None, :] < n_cols)
+            tail = _summed(x_ptr, residual_ptr, sum_ptr, rows[:, None] * n_cols + tail_cols[None, :], tail_mask,
+                           HAS_RESIDUAL)
+            total += tl.sum(tail, axis=1)
+        mean = total / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        squares = tl.sum(centred * centred, axis=1)
+        if SPLIT and TAIL > 0:
+            tail = tl.where(tail_mask, tail - mean[:, None], 0.0)
+            squares += tl.sum(tail * tail, axis=1)
+        inverse_std = 1.0 / tl.sqrt(squares / n_cols + eps)
+        normed = _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols, dtype)
+        largest = tl.max(tl.abs(normed), axis=1)
+        if SPLIT and TAIL > 0:
+            tail = _scaled_and_shifted(tail, inverse_std, weight_ptr, bias_ptr, tail_cols, n_cols, dtype)
+            largest = tl.maximum(largest, tl.max(tl.abs(tail), axis=1))
+        scale = tl.maximum(largest / FP8_MAX, MIN_SCALE)
         quantized = tl.clamp(normed / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + at, quantized, mask=mask)
+        tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], quantized, mask=mask)
+        if SPLIT and TAIL > 0:
+            quantized = tl.clamp(tail / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rows[:, None] * n_cols + tail_cols[None, :], quantized, mask=tail_mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
     def _launch_layer_norm(kernel, x, residual, total, weight, bias, eps, values, scales, **config) -> None:
@@ -225,18 +266,19 @@ if triton is not None:
         ``scales``. Without a residual (``residual`` is ``x``), ``total`` is only a placeholder: the kernel neither
         reads nor writes it, and an output (``values``) stands in, so that no input looks written to."""
         n_rows, n_cols = x.shape
+        head, tail = _head_and_tail(n_cols)
         kernel[_whole_row_grid(n_rows, config)](x, residual, total, weight, bias, values, scales, n_rows, n_cols,
-                                                eps, BLOCK=triton.next_power_of_2(n_cols),
+                                                eps, BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail,
                                                 HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
                                                 **config)
 
     def run_layer_norm_config(x: torch.Tensor, residual: torch.Tensor | None, total: torch.Tensor | None,
                               weight: torch.Tensor, bias: torch.Tensor, eps: float, values: torch.Tensor,
-                              scales: torch.Tensor, rows: int, num_warps: int = 4) -> None:
+                              scales: torch.Tensor, rows: int, num_warps: int = 4, split: bool = False) -> None:
         """One configuration of the LayerNorm kernel's autotuning, run directly: for tests and benchmarks."""
         _launch_layer_norm(_layer_norm_fp8_rows_kernel.fn, x, x if residual is None else residual,
                            values if total is None else total, weight, bias, eps, values, scales, ROWS=rows,
-                           num_warps=num_warps)
+                           SPLIT=split, num_warps=num_warps)
 
     @triton_op("sccsdxl::layer_norm_fp8_rows", mutates_args=())
     def _layer_norm_fp8_rows_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -113,3 +113,19 @@ def tiny_unet_call(unet, device: str = "cpu", dtype=None):
         with torch.inference_mode():
             return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample.clone()
     return call
+
+
+def tiny_unet_swaps(options: str):
+    """The tiny bf16 pipeline on the CPU with ``options`` applied, and what the module-swap tests compare: its
+    transformer blocks counted and its UNet's output taken before (pipe, blocks, call, before, info)."""
+    from types import SimpleNamespace
+
+    from sccsdxl.pipeline import build_random_pipeline
+    from sccsdxl.quant import apply_optimizations, parse_optimizations
+
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
+    call = tiny_unet_call(pipe.unet)
+    before = call()
+    info = apply_optimizations(pipe, parse_optimizations(options))
+    return SimpleNamespace(pipe=pipe, blocks=blocks, call=call, before=before, info=info)

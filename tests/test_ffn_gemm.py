@@ -8,9 +8,8 @@ import torch.nn.functional as F
 
 from sccsdxl import ffn_gemm as G
 from sccsdxl import fused, quant
-from sccsdxl.pipeline import build_random_pipeline
 
-from conftest import assert_interpreted_ok, relative_error, tiny_unet_call
+from conftest import assert_interpreted_ok, relative_error, tiny_unet_swaps
 
 
 def feed_forward(width: int = 64, device: str = "cpu"):
@@ -68,11 +67,8 @@ def test_only_feed_forwards_of_whole_128_column_blocks_are_taken():
 def test_fused_norms_takes_the_feed_forward_and_feeds_it_its_fp8_rows():
     """fused_ffn_gemm swaps the feed-forwards before fused_norms, whose blocks then hand the norm kernel's fp8 rows
     straight to it (fp8 itself, a GPU option, is left out: the swaps are what is tested)."""
-    pipe = build_random_pipeline("tiny", "bf16", "cpu")
-    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
-    call = tiny_unet_call(pipe.unet)
-    before = call()
-    info = quant.apply_optimizations(pipe, quant.parse_optimizations("fuse_qkv,fused_ffn_gemm,fused_norms"))
+    swapped = tiny_unet_swaps("fuse_qkv,fused_ffn_gemm,fused_norms")
+    pipe, blocks, call, before, info = swapped.pipe, swapped.blocks, swapped.call, swapped.before, swapped.info
     assert info["fused_ffn_gemms"] == info["fused_blocks"] == blocks > 0
     fused_blocks = [m for m in pipe.unet.modules() if isinstance(m, fused.Fp8TransformerBlock)]
     assert all(isinstance(b.feed_forward, G.Fp8GegluGemmFeedForward) and b.up is None for b in fused_blocks)

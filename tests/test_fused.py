@@ -216,6 +216,8 @@ def test_a_fused_block_refuses_attention_masks_with_a_message():
 
 
 INTERPRETED = textwrap.dedent("""
+    import itertools
+
     import torch
     from sccsdxl import fused
 
@@ -250,27 +252,26 @@ INTERPRETED = textwrap.dedent("""
     # the LayerNorm kernel; the interpreter rounds fp32 -> bf16 toward zero (the GPU to nearest), so each bf16
     # result is checked to one bf16 step
     step = 2**-7
-    for rows, n_cols in ((7, 100), (4, 64)):  # a masked tail and a last partial program
+    for rows, n_cols in ((7, 100), (4, 64), (3, 80)):  # split: a masked tail, none, an exact one; a last partial program
         norm = torch.nn.LayerNorm(n_cols).to(torch.bfloat16)
         with torch.no_grad():
             norm.weight.copy_(torch.rand(n_cols) + 0.5)
             norm.bias.copy_(torch.randn(n_cols) * 0.1)
         x = (torch.randn(rows, n_cols) * torch.logspace(-1, 1, rows)[:, None]).to(torch.bfloat16)
         residual = torch.randn(rows, n_cols).to(torch.bfloat16)
-        for with_residual in (False, True):
-            for per_program in (1, 2, 4):
-                values, scales = torch.full((rows, n_cols), float("nan")), torch.zeros(rows, 1)
-                total = torch.full((rows, n_cols), float("nan"), dtype=torch.bfloat16) if with_residual else None
-                fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
-                                            norm.eps, values, scales, rows=per_program)
-                where = ("layer norm", n_cols, with_residual, per_program)
-                if with_residual:
-                    exact = x.float() + residual.float()
-                    assert ((total.float() - exact).abs() <= exact.abs() * step).all(), where
-                with torch.no_grad():
-                    normed = norm(total if with_residual else x).float()
-                assert torch.allclose(scales, normed.abs().amax(dim=1, keepdim=True) / fused.FP8_MAX, rtol=step), where
-                assert ((values * scales - normed).abs() <= normed.abs() * step + 1e-6).all(), where
+        for with_residual, per_program, split in itertools.product((False, True), (1, 2, 4), (False, True)):
+            values, scales = torch.full((rows, n_cols), float("nan")), torch.zeros(rows, 1)
+            total = torch.full((rows, n_cols), float("nan"), dtype=torch.bfloat16) if with_residual else None
+            fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
+                                        norm.eps, values, scales, rows=per_program, split=split)
+            where = ("layer norm", n_cols, with_residual, per_program, split)
+            if with_residual:
+                exact = x.float() + residual.float()
+                assert ((total.float() - exact).abs() <= exact.abs() * step).all(), where
+            with torch.no_grad():
+                normed = norm(total if with_residual else x).float()
+            assert torch.allclose(scales, normed.abs().amax(dim=1, keepdim=True) / fused.FP8_MAX, rtol=step), where
+            assert ((values * scales - normed).abs() <= normed.abs() * step + 1e-6).all(), where
     print("kernel ok")
 """)
 
@@ -372,7 +373,7 @@ def test_layer_norm_kernel_matches_the_reference(n_cols):
             values, scales = torch.empty_like(ref_values), torch.empty_like(ref_scales)
             fused.run_layer_norm_config(x, residual if with_residual else None, torch.empty_like(x), norm.weight,
                                         norm.bias, norm.eps, values, scales, rows=config.kwargs["ROWS"],
-                                        num_warps=config.num_warps)
+                                        num_warps=config.num_warps, split=config.kwargs["SPLIT"])
             assert_close_to_reference(values, scales, *reference)
 
 

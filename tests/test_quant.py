@@ -9,7 +9,7 @@ from sccsdxl import quant
 from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline, make_runner
 
-from conftest import tiny_unet_call
+from conftest import tiny_unet_call, tiny_unet_swaps
 
 PROMPTS = ["a red bus", "a bowl of fruit"]
 
@@ -435,11 +435,8 @@ def test_the_fused_swaps_build_on_each_other_in_apply_optimizations():
     left out here: the swaps are what is tested)."""
     from sccsdxl import fused
 
-    pipe = build_random_pipeline("tiny", "bf16", "cpu")
-    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules())
-    call = tiny_unet_call(pipe.unet)
-    before = call()
-    info = quant.apply_optimizations(pipe, quant.parse_optimizations("fuse_qkv,fused_geglu,fp8_attn_out,fused_norms"))
+    swapped = tiny_unet_swaps("fuse_qkv,fused_geglu,fp8_attn_out,fused_norms")
+    pipe, blocks, call, before, info = swapped.pipe, swapped.blocks, swapped.call, swapped.before, swapped.info
     assert info["fused_feed_forwards"] == info["fused_blocks"] == blocks > 0
     assert info["fp8_attention_outputs"] == 2 * blocks
     fused_blocks = [m for m in pipe.unet.modules() if isinstance(m, fused.Fp8TransformerBlock)]

@@ -324,7 +324,20 @@ class SDXLRunner:
                                guidance_scale=C.GUIDANCE_SCALE, num_inference_steps=C.NUM_INFERENCE_STEPS,
                                height=height, width=width, latents=latents, output_type="pt").images
             pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+        return to_host(pixels)
+
+
+def to_host(pixels) -> np.ndarray:
+    """Images on the device -> numpy. From a GPU through page-locked memory, which torch's caching host allocator
+    hands out again batch after batch: the plain (pageable) copy of a batch of 50 took about 0.1 s of a 22-s batch on
+    the H200's VM (BENCHMARKS.md, session 15), while the GPU waited for the next batch."""
+    import torch
+
+    if pixels.device.type != "cuda":
         return pixels.cpu().numpy()
+    host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+    host.copy_(pixels)
+    return host.numpy()
 
 
 def make_runner(source: str = "hf", dtype: str = "fp16", device: str = "auto", model_path: str | None = None,

@@ -68,6 +68,16 @@ def test_tiny_images_are_uint8_and_independent_of_the_batch(tiny_runner):
     assert tiny_runner.response_shape == (32, 32, 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked copies need a GPU (run on the H200)")
+def test_images_come_to_the_host_whole_and_each_batch_in_its_own_memory():
+    """to_host reuses page-locked memory from torch's cache: an array still held must not be overwritten."""
+    first_pixels = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, device="cuda")
+    first = P.to_host(first_pixels)
+    second = P.to_host(torch.zeros_like(first_pixels))
+    assert isinstance(first, np.ndarray) and first.dtype == np.uint8
+    assert np.array_equal(first, first_pixels.cpu().numpy()) and not second.any()
+
+
 def test_synthetic_is_the_full_size_sdxl_architecture():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

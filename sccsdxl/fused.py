@@ -225,7 +225,6 @@ if triton is not None:
         """ROWS whole rows per program: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row.
         The sum and the normalized row are rounded to the input's dtype on the way, as the unfused ops round them.
         The row is one tile of BLOCK columns or, SPLIT, a HEAD tile and a TAIL tile."""
-        dtype: tl.constexpr = x_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_mask = rows[:, None] < n_rows
         if SPLIT:
@@ -248,10 +247,12 @@ if triton is not None:
             tail = tl.where(tail_mask, tail - mean[:, None], 0.0)
             squares += tl.sum(tail * tail, axis=1)
         inverse_std = 1.0 / tl.sqrt(squares / n_cols + eps)
-        normed = _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols, dtype)
+        normed = _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols,
+                                     x_ptr.dtype.element_ty)
         largest = tl.max(tl.abs(normed), axis=1)
         if SPLIT and TAIL > 0:
-            tail = _scaled_and_shifted(tail, inverse_std, weight_ptr, bias_ptr, tail_cols, n_cols, dtype)
+            tail = _scaled_and_shifted(tail, inverse_std, weight_ptr, bias_ptr, tail_cols, n_cols,
+                                          x_ptr.dtype.element_ty)
             largest = tl.maximum(largest, tl.max(tl.abs(tail), axis=1))
         scale = tl.maximum(largest / FP8_MAX, MIN_SCALE)
         quantized = tl.clamp(normed / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)

@@ -87,8 +87,9 @@ class FoldedUpsample(torch.nn.Module):
             weight = weight.contiguous(memory_format=torch.channels_last)
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         bias = self.conv.bias
-        bias = None if bias is None else bias.detach() if transposed else bias.detach().repeat(4)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        if bias is not None:  # the transposed convolution's outputs are the large image's; the folded one's, 4 phases
+            bias = torch.nn.Parameter(bias.detach() if transposed else bias.detach().repeat(4), requires_grad=False)
+        self.bias = bias
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         height, width = hidden_states.shape[-2:]

@@ -117,9 +117,7 @@ def tiny_unet_call(unet, device: str = "cpu", dtype=None):
 
 def tiny_unet_swaps(options: str):
     """The tiny bf16 pipeline on the CPU with ``options`` applied, and what the module-swap tests compare: its
-    transformer blocks counted and its UNet's output taken before (pipe, blocks, call, before, info)."""
-    from types import SimpleNamespace
-
+    transformer blocks counted and its UNet's output taken before, as (pipe, blocks, call, before, info)."""
     from sccsdxl.pipeline import build_random_pipeline
     from sccsdxl.quant import apply_optimizations, parse_optimizations
 
@@ -128,4 +126,4 @@ def tiny_unet_swaps(options: str):
     call = tiny_unet_call(pipe.unet)
     before = call()
     info = apply_optimizations(pipe, parse_optimizations(options))
-    return SimpleNamespace(pipe=pipe, blocks=blocks, call=call, before=before, info=info)
+    return pipe, blocks, call, before, info

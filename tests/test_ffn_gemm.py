@@ -67,8 +67,7 @@ def test_only_feed_forwards_of_whole_128_column_blocks_are_taken():
 def test_fused_norms_takes_the_feed_forward_and_feeds_it_its_fp8_rows():
     """fused_ffn_gemm swaps the feed-forwards before fused_norms, whose blocks then hand the norm kernel's fp8 rows
     straight to it (fp8 itself, a GPU option, is left out: the swaps are what is tested)."""
-    swapped = tiny_unet_swaps("fuse_qkv,fused_ffn_gemm,fused_norms")
-    pipe, blocks, call, before, info = swapped.pipe, swapped.blocks, swapped.call, swapped.before, swapped.info
+    pipe, blocks, call, before, info = tiny_unet_swaps("fuse_qkv,fused_ffn_gemm,fused_norms")
     assert info["fused_ffn_gemms"] == info["fused_blocks"] == blocks > 0
     fused_blocks = [m for m in pipe.unet.modules() if isinstance(m, fused.Fp8TransformerBlock)]
     assert all(isinstance(b.feed_forward, G.Fp8GegluGemmFeedForward) and b.up is None for b in fused_blocks)

@@ -435,8 +435,7 @@ def test_the_fused_swaps_build_on_each_other_in_apply_optimizations():
     left out here: the swaps are what is tested)."""
     from sccsdxl import fused
 
-    swapped = tiny_unet_swaps("fuse_qkv,fused_geglu,fp8_attn_out,fused_norms")
-    pipe, blocks, call, before, info = swapped.pipe, swapped.blocks, swapped.call, swapped.before, swapped.info
+    pipe, blocks, call, before, info = tiny_unet_swaps("fuse_qkv,fused_geglu,fp8_attn_out,fused_norms")
     assert info["fused_feed_forwards"] == info["fused_blocks"] == blocks > 0
     assert info["fp8_attention_outputs"] == 2 * blocks
     fused_blocks = [m for m in pipe.unet.modules() if isinstance(m, fused.Fp8TransformerBlock)]

@@ -9,7 +9,9 @@ took 37 ms (BENCHMARKS.md). Here a Triton kernel reads the up projection's outpu
 and one scale per row, and the down projection runs as an fp8 matmul through torchao's scaled-mm helper, with
 its weight quantized per row by torchao's own primitives (the same numbers as torchao's fp8 config). On the
 H200 the kernel moves 2.5-2.9 TB/s (one pass, the row held as a 4096 + 1024 head and tail); the UNet forward
-went from 611 to 589 ms with the first, padded version of it.
+went from 611 to 589 ms with the first, padded version of it. Inside a whole batch it moves about 2.3 TB/s, where
+inductor's plain GEGLU (no row reduction) moved about 3.3 in a profiled UNet forward (session 4): its autotuning can also choose a persistent form that loads
+each row while the one before is reduced and stored (BENCHMARKS.md, session 16).
 
 Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
@@ -67,11 +69,17 @@ if triton is not None:
         """One pass (the whole row in registers, few rows per SM) or two passes over chunks (the second reads the
         row back from L2; many rows per SM): which is faster depends on the row width and the GPU. One pass holds
         the row padded to a power of two (5120 -> 8192 registers' worth) or, SPLIT, as a power-of-two head and a
-        short tail (4096 + 1024), which leaves room for more rows per SM."""
-        one_pass = [triton.Config({"CHUNK": 0, "SPLIT": split}, num_warps=w)
+        short tail (4096 + 1024), which leaves room for more rows per SM. PER_SM > 0 is the persistent form of the
+        head + tail pass: PER_SM programs per multiprocessor, each looping over rows and loading the next row before
+        it reduces and stores the current one, so that loads stay in flight meanwhile (with one program per row, a
+        program that is reducing or storing has none; Triton 3.6's software pipelining leaves these loads alone)."""
+        one_pass = [triton.Config({"CHUNK": 0, "SPLIT": split, "PER_SM": 0}, num_warps=w)
                     for split in (False, True) for w in (8, 16)]
-        two_pass = [triton.Config({"CHUNK": c, "SPLIT": False}, num_warps=w) for c in (1024, 2048) for w in (4, 8)]
-        return one_pass + two_pass
+        two_pass = [triton.Config({"CHUNK": c, "SPLIT": False, "PER_SM": 0}, num_warps=w)
+                    for c in (1024, 2048) for w in (4, 8)]
+        persistent = [triton.Config({"CHUNK": 0, "SPLIT": True, "PER_SM": per_sm}, num_warps=w)
+                      for per_sm in (1, 2, 4) for w in (8, 16)]
+        return one_pass + two_pass + persistent
 
     def _head_and_tail(n_cols: int) -> tuple[int, int]:
         """5120 -> (4096, 1024); 2560 -> (2048, 512); 100 -> (64, 64), the tail masked; 128 -> (128, 0)."""
@@ -79,17 +87,57 @@ if triton is not None:
         return head, triton.next_power_of_2(n_cols - head) if n_cols > head else 0
 
     @triton.jit
-    def _geglu(base, cols, mask, n_cols):
-        value = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(base + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    def _gated(value, gate):
+        """value * GELU(gate) in fp32, GELU exact (erf), as diffusers' GEGLU."""
+        value = value.to(tl.float32)
+        gate = gate.to(tl.float32)
         return value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
 
-    @triton.autotune(configs=_configs(), key=["n_cols"])
     @triton.jit
-    def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_cols, hidden_stride, out_stride,
-                               BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, CHUNK: tl.constexpr,
-                               SPLIT: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # rows x 2n passes 2**31 at batch 50
+    def _geglu(base, cols, mask, n_cols):
+        return _gated(tl.load(base + cols, mask=mask, other=0.0), tl.load(base + n_cols + cols, mask=mask, other=0.0))
+
+    @triton.jit
+    def _halves(hidden_ptr, row, hidden_stride, cols, mask, n_cols):
+        """A row's value and gate columns, as stored (bf16): what the persistent form holds for the next row."""
+        base = hidden_ptr + row * hidden_stride
+        return tl.load(base + cols, mask=mask, other=0.0), tl.load(base + n_cols + cols, mask=mask, other=0.0)
+
+    @triton.jit
+    def _geglu_fp8_rows_persistent(hidden_ptr, out_ptr, scale_ptr, n_rows, n_cols, hidden_stride, out_stride,
+                                   HEAD: tl.constexpr, TAIL: tl.constexpr, FP8_MAX: tl.constexpr,
+                                   MIN_SCALE: tl.constexpr):
+        """Rows program_id, program_id + num_programs, ...: each row's head and tail are loaded one row ahead."""
+        step = tl.num_programs(0)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, HEAD)
+        mask = cols < n_cols
+        tail_cols = HEAD + tl.arange(0, TAIL if TAIL > 0 else 1)
+        tail_mask = (tail_cols < n_cols) & (TAIL > 0)
+        value, gate = _halves(hidden_ptr, row, hidden_stride, cols, mask & (row < n_rows), n_cols)
+        tail_value, tail_gate = _halves(hidden_ptr, row, hidden_stride, tail_cols, tail_mask & (row < n_rows), n_cols)
+        while row < n_rows:
+            ahead = row + step
+            next_value, next_gate = _halves(hidden_ptr, ahead, hidden_stride, cols, mask & (ahead < n_rows), n_cols)
+            next_tail_value, next_tail_gate = _halves(hidden_ptr, ahead, hidden_stride, tail_cols,
+                                                      tail_mask & (ahead < n_rows), n_cols)
+            out = _gated(value, gate)
+            tail = _gated(tail_value, tail_gate)
+            largest = tl.maximum(tl.max(tl.abs(out), axis=0), tl.max(tl.abs(tail), axis=0))
+            scale = tl.maximum(largest / FP8_MAX, MIN_SCALE)
+            out_row = out_ptr + row * out_stride
+            tl.store(out_row + cols, tl.clamp(out / scale, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_row + tail_cols, tl.clamp(tail / scale, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
+                     mask=tail_mask)
+            tl.store(scale_ptr + row, scale)
+            value, gate, tail_value, tail_gate = next_value, next_gate, next_tail_value, next_tail_gate
+            row = ahead
+
+    @triton.jit
+    def _geglu_fp8_row(hidden_ptr, out_ptr, scale_ptr, row, n_cols, hidden_stride, out_stride, BLOCK: tl.constexpr,
+                       HEAD: tl.constexpr, TAIL: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                       FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """One row (int64: rows x 2n passes 2**31 at batch 50) in the configuration's strategy."""
         base = hidden_ptr + row * hidden_stride
         out_row = out_ptr + row * out_stride
         if CHUNK == 0 and SPLIT:
@@ -128,18 +176,44 @@ if triton is not None:
                 tl.store(out_row + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
+    @triton.autotune(configs=_configs(), key=["n_cols"])
+    @triton.jit
+    def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_rows, n_cols, hidden_stride, out_stride,
+                               BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, CHUNK: tl.constexpr,
+                               SPLIT: tl.constexpr, PER_SM: tl.constexpr, FP8_MAX: tl.constexpr,
+                               MIN_SCALE: tl.constexpr):
+        if PER_SM == 0:  # one program per row
+            _geglu_fp8_row(hidden_ptr, out_ptr, scale_ptr, tl.program_id(0).to(tl.int64), n_cols, hidden_stride,
+                           out_stride, BLOCK, HEAD, TAIL, CHUNK, SPLIT, FP8_MAX, MIN_SCALE)
+        else:  # persistent, head + tail
+            _geglu_fp8_rows_persistent(hidden_ptr, out_ptr, scale_ptr, n_rows, n_cols, hidden_stride, out_stride,
+                                       HEAD, TAIL, FP8_MAX, MIN_SCALE)
+
+    def _multiprocessors(device: torch.device) -> int:
+        """The GPU's SM count; 2 for the CPU interpreter, so that its persistent programs loop over several rows."""
+        return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+    def _programs(n_rows: int, per_sm: int, device: torch.device) -> int:
+        """One program per row, or, persistent, PER_SM per multiprocessor (never more than there are rows)."""
+        return min(n_rows, per_sm * _multiprocessors(device)) if per_sm else n_rows
+
     def _launch(kernel, hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
         """Run ``kernel`` on (rows, 2n) ``hidden``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
-        n_cols = values.shape[1]
+        n_rows, n_cols = values.shape
         head, tail = _head_and_tail(n_cols)
-        kernel[(hidden.shape[0],)](hidden, values, scales, n_cols, hidden.stride(0), values.stride(0),
-                                   BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX,
-                                   MIN_SCALE=MIN_SCALE, **config)
+        if "PER_SM" in config:  # a configuration run directly
+            grid = (_programs(n_rows, config["PER_SM"], hidden.device),)
+        else:
+            sms = _multiprocessors(hidden.device)
+            grid = lambda meta: (min(n_rows, meta["PER_SM"] * sms) if meta["PER_SM"] else n_rows,)  # noqa: E731
+        kernel[grid](hidden, values, scales, n_rows, n_cols, hidden.stride(0), values.stride(0),
+                     BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX,
+                     MIN_SCALE=MIN_SCALE, **config)
 
     def run_strategy(hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, num_warps: int = 4,
-                     **strategy) -> None:
-        """One strategy the autotuning chooses from (CHUNK, SPLIT), run directly: for tests and the benchmark."""
-        _launch(_geglu_fp8_rows_kernel.fn, hidden, values, scales, num_warps=num_warps, **strategy)
+                     PER_SM: int = 0, **strategy) -> None:  # noqa: N803 (the kernel's name)
+        """One strategy the autotuning chooses from (CHUNK, SPLIT, PER_SM), run directly: for tests and the benchmark."""
+        _launch(_geglu_fp8_rows_kernel.fn, hidden, values, scales, num_warps=num_warps, PER_SM=PER_SM, **strategy)
 
     @triton_op("sccsdxl::geglu_fp8_rows", mutates_args=())
     def _geglu_fp8_rows_gpu(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

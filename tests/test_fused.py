@@ -223,7 +223,10 @@ INTERPRETED = textwrap.dedent("""
 
     torch.manual_seed(3)
     strategies = {"padded one pass": dict(CHUNK=0, SPLIT=False), "head + tail one pass": dict(CHUNK=0, SPLIT=True),
-                  "two passes": dict(CHUNK=32, SPLIT=False)}
+                  "two passes": dict(CHUNK=32, SPLIT=False),
+                  # 2 or 4 programs here, each looping over rows: 5 rows leave the programs unequal shares
+                  "persistent": dict(CHUNK=0, SPLIT=True, PER_SM=1),
+                  "persistent, 2 per SM": dict(CHUNK=0, SPLIT=True, PER_SM=2)}
     for rows, n_cols in ((5, 100), (3, 96), (2, 128)):  # a masked tail, an exact tail, no tail
         hidden = (torch.randn(rows, 2 * n_cols) * 3).to(torch.bfloat16)
         value, gate = hidden.float().chunk(2, dim=-1)

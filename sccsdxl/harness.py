@@ -9,6 +9,7 @@ Every run goes into a new directory ``<output_dir>/runs/<timestamp>-<label>/``:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 from . import constants as C
 from .data import SampleSet, sample_set
 from .errors import KitError, OutputError, ParameterError
+from .power import PowerMonitor, visible_gpu_uuids
 from .record import write_json
 from .rounds import Round, get_round
 
@@ -219,6 +221,7 @@ class ModeResult:
     seeds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     peak_gpu_memory_bytes: int | None = None
+    gpu_power: dict | None = None  # sccsdxl.power's record of the run: energy, power, SM clock, power-capped share
 
 
 # loadgen config keys -> TestSettings attributes (value converter). loadgen's FromConfig may load a user
@@ -322,6 +325,7 @@ def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: Sampl
         import torch
 
         torch.cuda.reset_peak_memory_stats()
+    power = PowerMonitor(visible_gpu_uuids()) if gpu else None
     started = time.perf_counter()
 
     def progress(n: int) -> None:
@@ -332,7 +336,8 @@ def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: Sampl
     sut = lg.ConstructSUT(sut_impl.issue_queries, sut_impl.flush_queries)
     qsl = lg.ConstructQSL(len(samples), len(samples), lambda ids: None, lambda ids: None)
     try:
-        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
+        with power if power is not None else contextlib.nullcontext():
+            lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
     finally:
         sut_impl.close()
         lg.DestroyQSL(qsl)
@@ -348,16 +353,18 @@ def run_loadgen(generator: ImageGenerator | list[ImageGenerator], samples: Sampl
                        "see the message above; for out-of-memory errors lower -p batch_size") from err
     detail = parse_detail_log(log_dir / "mlperf_log_detail.txt")
     validity = detail.get("result_validity")
+    served = int(detail.get("qsl_reported_total_count", len(samples)) if mode == "accuracy"
+                 else detail.get("effective_samples_per_query", detail.get("generated_samples_per_query", 0)))
     return ModeResult(
         mode=mode, log_dir=str(log_dir),
         samples_per_second=detail.get("result_samples_per_second") if mode == "performance" else None,
         valid=(validity == "VALID") if mode == "performance" else None,
-        samples=int(detail.get("qsl_reported_total_count", len(samples)) if mode == "accuracy"
-                    else detail.get("effective_samples_per_query", detail.get("generated_samples_per_query", 0))),
+        samples=served,
         wall_seconds=round(wall, 3),
         seeds={k: detail.get(f"effective_{k}") for k in ("qsl_rng_seed", "sample_index_rng_seed", "schedule_rng_seed")},
         errors=detail.get("errors", []),
         peak_gpu_memory_bytes=_peak_gpu_memory() if gpu else None,
+        gpu_power=power.summary(served) if power is not None else None,
     )
 
 
@@ -491,9 +498,11 @@ def results_table(run: BenchmarkRun):
 
     rows = []
     for mode, result in run.record["results"].items():
+        power = result.get("gpu_power") or {}
         rows.append({"mode": mode, "samples/s": result["samples_per_second"],
                      "result": {True: "VALID", False: "INVALID", None: "-"}[result["valid"]],
                      "samples": result["samples"], "wall s": result["wall_seconds"],
+                     "GPU W": power.get("mean_power_w"), "J/sample": power.get("joules_per_sample"),
                      "logs": str(Path(result["log_dir"]).name)})
     return pd.DataFrame(rows).set_index("mode")
 

@@ -777,7 +777,7 @@ def _evaluate(base, spec: ConfigSpec, prompts: list[str], reference: np.ndarray,
         row = dict(status="ok", samples_per_second=perf["samples_per_second"], valid=perf["valid"],
                    peak_gpu_memory_bytes=perf["peak_gpu_memory_bytes"], load_seconds=round(load_s, 2),
                    first_call_seconds=round(first_call_s, 2), run_dir=str(run.run_dir), guard=guard.as_row(),
-                   verdict=guard.verdict)
+                   verdict=guard.verdict, gpu_power=perf.get("gpu_power"))
         if warm_start and spec.optimizations.compiles:
             runner = None  # free this process's copy before the second start loads another
             free_gpu_memory()
@@ -803,6 +803,8 @@ def results_table(rows: list[dict]):
         "config": r["config"], "status": r["status"], "samples/s": r.get("samples_per_second"),
         "peak GiB": (r.get("peak_gpu_memory_bytes") or 0) / 2**30 or None,
         "first call s": r.get("first_call_seconds"), "warm first call s": r.get("warm_first_call_seconds"),
+        "GPU W": (r.get("gpu_power") or {}).get("mean_power_w"),
+        "J/sample": (r.get("gpu_power") or {}).get("joules_per_sample"),
         "verdict": r["verdict"],
         "PSNR dB": (r.get("guard") or {}).get("mean_psnr_db"), "CLIP delta": (r.get("guard") or {}).get("clip_delta"),
         "error": r.get("error") or r.get("warm_start_error"),

@@ -46,6 +46,7 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("pytorch_fid", "pytorch-fid", "05_accuracy: the FID Inception network"),
     ("scipy", "scipy", "05_accuracy: FID (matrix square root)"),
     ("ipywidgets", "ipywidgets", "interactive controls in JupyterLab"),
+    ("pynvml", "nvidia-ml-py", "each run's GPU energy, power and clocks (NVIDIA)"),
 )
 
 GiB = 1024 ** 3

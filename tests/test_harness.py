@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from sccsdxl import harness
+from sccsdxl import harness, power
 from sccsdxl.accuracy import iter_accuracy_log
 from sccsdxl.data import sample_set
 from sccsdxl.errors import KitError, OutputError, ParameterError
@@ -47,12 +47,26 @@ def test_offline_run_is_valid_and_logs_every_sample_once(tmp_path):
     perf, acc = run.result("performance"), run.result("accuracy")
     assert perf["valid"] is True and perf["samples"] == 50 and perf["samples_per_second"] > 0
     assert acc["samples"] == 50
+    if not harness._cuda_ready():  # no GPU in use: no power record, and the run is not held up for want of one
+        assert perf["gpu_power"] is None and acc["gpu_power"] is None
     assert fake.batches.count(8) >= 12 and max(fake.batches) == 8  # 50 = 6 x 8 + 2 per mode
     samples = sample_set("base")
     logged = dict(iter_accuracy_log(run.run_dir / "accuracy" / "mlperf_log_accuracy.json", (4, 4, 3)))
     assert sorted(logged) == list(range(50))
     for idx, image in logged.items():  # each response is the image of that sample's caption
         np.testing.assert_array_equal(image, fingerprint(samples.caption(idx)))
+
+
+@pytest.mark.skipif(power.load_nvml() is None, reason="needs an NVIDIA GPU and NVML (run on the H200)")
+def test_a_gpu_run_records_the_energy_of_each_gpu_it_sees_and_per_sample(tmp_path):
+    import torch
+
+    run = run_benchmark(config(tmp_path, device="cuda"), modes=("performance",), show_progress=False)
+    perf = run.result("performance")
+    record = perf["gpu_power"]
+    assert len(record["gpus"]) == torch.cuda.device_count()
+    assert record["energy_j"] > 0 and record["joules_per_sample"] == pytest.approx(record["energy_j"] / 50, abs=0.01)
+    assert json.loads((run.run_dir / harness.RUN_FILE).read_text())["results"]["performance"]["gpu_power"] == record
 
 
 def test_run_directory_holds_logs_conf_samples_and_record(tmp_path):

@@ -10,6 +10,7 @@ a run has no power record and nothing fails.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,13 +38,19 @@ def load_nvml():
 
 
 def visible_gpu_uuids() -> list[str]:
-    """NVML's names ('GPU-<uuid>') of the GPUs torch sees here: NVML lists every GPU of the node and ignores
-    CUDA_VISIBLE_DEVICES, so a run measures only the GPUs it can use."""
+    """The UUIDs of the GPUs torch sees here: NVML lists every GPU of the node and ignores CUDA_VISIBLE_DEVICES, so
+    a run measures only the GPUs it can use."""
     import torch
 
     if not torch.cuda.is_available() or torch.version.hip is not None:
         return []
-    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def plain_uuid(uuid: str | bytes) -> str:
+    """NVML's 'GPU-58d9e2b8-...' and torch's '58d9e2b8-...' alike: the hex digits only, in lower case."""
+    text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+    return re.sub(r"[^0-9a-f]", "", text.lower().removeprefix("gpu-"))
 
 
 @dataclass
@@ -90,16 +97,18 @@ class PowerMonitor:
             gpu.energy_end_mj = self._energy_mj(gpu.handle)
 
     def _handles(self) -> list:
+        """NVML's handles of the GPUs named by ``uuids`` (all of them if None), in that order."""
         nvml = self.nvml
-        if self.uuids is None:
-            return [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        handles = []
-        for uuid in self.uuids:
+        every = {}
+        for index in range(nvml.nvmlDeviceGetCount()):
             try:
-                handles.append(nvml.nvmlDeviceGetHandleByUUID(uuid))
-            except Exception:  # noqa: BLE001 - a GPU NVML cannot find is left out of the record
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                every[plain_uuid(nvml.nvmlDeviceGetUUID(handle))] = handle
+            except Exception:  # noqa: BLE001 - a GPU NVML cannot open is left out of the record
                 continue
-        return handles
+        if self.uuids is None:
+            return list(every.values())
+        return [every[uuid] for uuid in map(plain_uuid, self.uuids) if uuid in every]
 
     def _watch(self, handle) -> _Watched | None:
         nvml = self.nvml

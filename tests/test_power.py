@@ -19,10 +19,16 @@ class FakeNvml:
         else:
             self.nvmlDeviceGetCurrentClocksThrottleReasons = lambda handle: self.reasons
 
-    def nvmlDeviceGetHandleByUUID(self, uuid):
-        if uuid != "GPU-1":
-            raise RuntimeError("NVML_ERROR_NOT_FOUND")
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        if index == 1:
+            raise RuntimeError("NVML_ERROR_NO_PERMISSION")  # a GPU of the node this process may not open
         return "handle"
+
+    def nvmlDeviceGetUUID(self, handle):
+        return b"GPU-58d9e2b8-AB01-0000-0000-000000000001"
 
     def nvmlDeviceGetName(self, handle):
         return b"NVIDIA H200"
@@ -45,7 +51,10 @@ class FakeNvml:
         return self.mhz
 
 
-def watch_for(seconds: float, nvml, uuids=("GPU-1", "GPU-other")) -> power.PowerMonitor:
+GPU_UUID = "58d9e2b8-ab01-0000-0000-000000000001"  # torch's form of the stand-in GPU's uuid
+
+
+def watch_for(seconds: float, nvml, uuids=(GPU_UUID, "58d9e2b8-0000")) -> power.PowerMonitor:
     with power.PowerMonitor(list(uuids), period_s=0.01, nvml=nvml) as watch:
         time.sleep(seconds)
     return watch
@@ -53,7 +62,7 @@ def watch_for(seconds: float, nvml, uuids=("GPU-1", "GPU-other")) -> power.Power
 
 def test_a_power_capped_gpu_is_recorded_with_its_energy_from_the_counter():
     record = watch_for(0.3, FakeNvml()).summary(samples=10)
-    (gpu,) = record["gpus"]  # the uuid NVML does not know is left out
+    (gpu,) = record["gpus"]  # found by torch's form of its uuid; the uuid NVML does not know is left out
     assert gpu["name"] == "NVIDIA H200" and gpu["energy_from"] == "counter"
     assert gpu["energy_j"] == pytest.approx(690 * record["seconds"], rel=0.1)
     assert gpu["mean_power_w"] == pytest.approx(690, rel=0.1) and gpu["max_power_w"] == 690
@@ -73,17 +82,21 @@ def test_without_an_energy_counter_the_energy_is_mean_power_times_time():
     assert gpu["power_capped_share"] == 0 and record["joules_per_sample"] is None
 
 
+def test_uuids_match_in_nvmls_form_and_torchs():
+    assert power.plain_uuid(b"GPU-58D9E2B8-ab01-0000") == power.plain_uuid("58d9e2b8-ab01-0000") == "58d9e2b8ab010000"
+
+
 def test_a_gpu_slowed_for_heat_is_told_apart_from_the_power_cap():
     gpu = watch_for(0.05, FakeNvml(reasons=power.HW_THERMAL_SLOWDOWN)).summary()["gpus"][0]
     assert gpu["heat_slowed_share"] == 1 and gpu["power_capped_share"] == 0
 
 
 def test_no_gpu_nvml_can_find_means_no_record_and_no_failure():
-    assert watch_for(0.02, FakeNvml(), uuids=("GPU-other",)).summary(samples=5) is None
+    assert watch_for(0.02, FakeNvml(), uuids=("58d9e2b8-0000",)).summary(samples=5) is None
     assert power.describe(None).startswith("no GPU power record")
     # and where NVML cannot start at all (this CPU machine has no NVIDIA driver library), nothing fails either
     if power.load_nvml() is None:
-        with power.PowerMonitor(["GPU-1"]) as watch:
+        with power.PowerMonitor([GPU_UUID]) as watch:
             pass
         assert watch.summary(samples=5) is None
 

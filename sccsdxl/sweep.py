@@ -56,6 +56,7 @@ class SweepPoint:
     wall_seconds: float = 0.0
     error: str | None = None
     samples: int | None = None  # samples in the performance run (the last batch may be partial)
+    joules_per_sample: float | None = None  # the GPUs' energy per image (sccsdxl.power; None without NVML)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -220,7 +221,7 @@ def run_point(config: RunConfig, batch_size: int, generator, show_progress: bool
         write_json(run.run_dir / RUN_FILE, run.record)
     return SweepPoint(batch_size, 1, status, perf.get("samples_per_second"), perf.get("valid"), peak,
                       str(run.run_dir) if run else (str(made[-1]) if made else None), round(wall, 2), error,
-                      perf.get("samples"))
+                      perf.get("samples"), (perf.get("gpu_power") or {}).get("joules_per_sample"))
 
 
 def distributed_command(config: RunConfig, batch_size: int, gpus: int, result_file: Path,
@@ -267,7 +268,8 @@ def run_distributed_point(config: RunConfig, batch_size: int, gpus: int, show_pr
     if code == 0 and result.get("ok"):
         return SweepPoint(batch_size, gpus, "ok", perf.get("samples_per_second"), perf.get("valid"),
                           result.get("peak_memory_bytes"), result.get("run_dir"), round(wall, 2),
-                          samples=perf.get("samples"))
+                          samples=perf.get("samples"),
+                          joules_per_sample=(perf.get("gpu_power") or {}).get("joules_per_sample"))
     oom = bool(result.get("oom")) or "OutOfMemoryError" in tail or "out of memory" in tail.lower()
     last = [line for line in tail.splitlines() if line.strip()][-3:]
     error = (result.get("error") or "").split("\n")[0] or f"torchrun exited with {code}: {' | '.join(last)}"
@@ -375,6 +377,7 @@ def points_table(points: list[SweepPoint], best: SweepPoint | None = None):
             "per GPU": sps / p.gpus if sps else None,
             "scaling": sps / (base * p.gpus) if sps and base and p.gpus > 1 else None,
             "peak GiB": round(p.peak_memory_bytes / GIB, 2) if p.peak_memory_bytes else None,
+            "J/sample": p.joules_per_sample,
             "result": {True: "VALID", False: "INVALID"}.get(p.valid, "-"),
             "last batch": last_batch(p.samples, p.batch_size), "wall s": p.wall_seconds,
             "best": "*" if best is not None and p.key == best.key else "",

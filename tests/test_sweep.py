@@ -183,10 +183,12 @@ def fake_torchrun(result: dict | None, code: int = 0, output: str = ""):
 def test_a_multi_gpu_point_is_one_torchrun_and_its_result_file(tmp_path):
     cfg = config(tmp_path)
     ok = {"ok": True, "run_dir": "runs/x", "peak_memory_bytes": 7,
-          "results": {"performance": {"samples_per_second": 3.5, "valid": True}}}
+          "results": {"performance": {"samples_per_second": 3.5, "valid": True,
+                                      "gpu_power": {"energy_j": 6160.0, "joules_per_sample": 308.0}}}}
     run, calls = fake_torchrun(ok)
     point = sweep.run_distributed_point(cfg, 8, 2, runner=run)
     assert (point.status, point.samples_per_second, point.valid, point.peak_memory_bytes) == ("ok", 3.5, True, 7)
+    assert point.joules_per_sample == 308.0 and list(sweep.points_table([point])["J/sample"]) == [308.0]
     command = calls[0]
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     assert command[command.index("-m", 2) + 1] == "sccsdxl.distributed"

@@ -26,7 +26,8 @@ norm kernels per forward at batch 25 on the H200 (GroupNorms are the rest); its 
 (autotune) cut the norms from 79 to 54 ms in an earlier configuration, at a cold compile that now exceeds 18
 minutes (BENCHMARKS.md, sessions 4 and 8). The kernel reads each row once and writes it once, like the row kernel
 above; its autotuning chooses, besides rows per program and warps, whether a row is held padded to a power of two or
-as a head and tail like the GEGLU kernel's (1280 = 1024 + 256).
+as a head and tail like the GEGLU kernel's (1280 = 1024 + 256), and, as the GEGLU kernel's, a persistent form that
+loads the next block of rows while it normalizes the current one.
 """
 from __future__ import annotations
 
@@ -77,8 +78,10 @@ if triton is not None:
                     for split in (False, True) for w in (8, 16)]
         two_pass = [triton.Config({"CHUNK": c, "SPLIT": False, "PER_SM": 0}, num_warps=w)
                     for c in (1024, 2048) for w in (4, 8)]
+        # with the next row held too, a 5120-wide row takes 110 registers a thread at 16 warps (one program per SM)
+        # and a 2560-wide one 64 at 8 warps (four per SM; ptxas for sm_90)
         persistent = [triton.Config({"CHUNK": 0, "SPLIT": True, "PER_SM": per_sm}, num_warps=w)
-                      for per_sm in (1, 2, 4) for w in (8, 16)]
+                      for per_sm, w in ((1, 16), (2, 8), (2, 16), (4, 8))]
         return one_pass + two_pass + persistent
 
     def _head_and_tail(n_cols: int) -> tuple[int, int]:
@@ -269,19 +272,48 @@ if triton is not None:
 if triton is not None:
     def _layer_norm_configs() -> list:
         """The whole-row choices, each with the row held padded to a power of two (1280 -> 2048 lanes) or, SPLIT, as
-        a power-of-two head and tail (1024 + 256): no idle lanes, so less arithmetic and fewer registers per row."""
-        return [triton.Config({**config.kwargs, "SPLIT": split}, num_warps=config.num_warps)
-                for config in _whole_row_configs() for split in (False, True)]
+        a power-of-two head and tail (1024 + 256): no idle lanes, so less arithmetic and fewer registers per row.
+        PER_SM > 0 is the persistent form of the head + tail choices, as the GEGLU kernel's: PER_SM programs per
+        multiprocessor, each loading its next block of rows before it normalizes and stores the current one."""
+        one_block = [triton.Config({**config.kwargs, "SPLIT": split, "PER_SM": 0}, num_warps=config.num_warps)
+                     for config in _whole_row_configs() for split in (False, True)]
+        # holding the next block too takes registers: with 4 rows of 1280 a program uses about 250 of them, so only
+        # two fit on an SM (ptxas for sm_90); the few choices here are the ones that fit their PER_SM
+        persistent = [triton.Config({"ROWS": rows, "SPLIT": True, "PER_SM": per_sm}, num_warps=warps)
+                      for rows, per_sm, warps in ((2, 2, 4), (2, 3, 4), (4, 2, 4), (4, 2, 8))]
+        return one_block + persistent
 
     @triton.jit
-    def _summed(x_ptr, residual_ptr, sum_ptr, at, mask, HAS_RESIDUAL: tl.constexpr):
-        """A tile of x in fp32; with a residual, x + residual rounded to x's dtype (as the unfused add) and stored."""
-        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    def _row_tiles(x_ptr, residual_ptr, at, mask, HAS_RESIDUAL: tl.constexpr):
+        """A tile of x and of the residual, as stored (without a residual, x stands in for it, unused)."""
+        x = tl.load(x_ptr + at, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = (x + tl.load(residual_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            residual = tl.load(residual_ptr + at, mask=mask, other=0.0)
+        else:
+            residual = x
+        return x, residual
+
+    @triton.jit
+    def _block_tiles(x_ptr, residual_ptr, rows, cols, tail_cols, n_rows, n_cols, SPLIT: tl.constexpr,
+                     TAIL: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        """ROWS rows' head (or whole padded row) tiles and, SPLIT, tail tiles; rows past the end read nothing."""
+        row_mask = rows[:, None] < n_rows
+        x, residual = _row_tiles(x_ptr, residual_ptr, rows[:, None] * n_cols + cols[None, :],
+                                 row_mask & (cols[None, :] < n_cols), HAS_RESIDUAL)
+        if SPLIT and TAIL > 0:
+            tail, tail_residual = _row_tiles(x_ptr, residual_ptr, rows[:, None] * n_cols + tail_cols[None, :],
+                                             row_mask & (tail_cols[None, :] < n_cols), HAS_RESIDUAL)
+        else:
+            tail, tail_residual = x, residual  # no tail: placeholders, unused
+        return x, residual, tail, tail_residual
+
+    @triton.jit
+    def _summed(x, residual, sum_ptr, at, mask, HAS_RESIDUAL: tl.constexpr):
+        """A tile of x in fp32; with a residual, x + residual rounded to x's dtype (as the unfused add) and stored."""
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
             tl.store(sum_ptr + at, x, mask=mask)
-            x = x.to(tl.float32)
-        return x
+        return x.to(tl.float32)
 
     @triton.jit
     def _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols, dtype: tl.constexpr):
@@ -290,28 +322,20 @@ if triton is not None:
         bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         return (centred * inverse_std[:, None] * weight[None, :] + bias[None, :]).to(dtype).to(tl.float32)
 
-    @triton.autotune(configs=_layer_norm_configs(), key=["n_cols", "HAS_RESIDUAL"])
     @triton.jit
-    def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
-                                    n_cols, eps, BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
-                                    ROWS: tl.constexpr, SPLIT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                                    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """ROWS whole rows per program: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row.
-        The sum and the normalized row are rounded to the input's dtype on the way, as the unfused ops round them.
-        The row is one tile of BLOCK columns or, SPLIT, a HEAD tile and a TAIL tile."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    def _layer_norm_block(x, residual, tail, tail_residual, rows, cols, tail_cols, sum_ptr, weight_ptr, bias_ptr,
+                          out_ptr, scale_ptr, n_rows, n_cols, eps, SPLIT: tl.constexpr, TAIL: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS loaded rows: (x + residual, stored) -> LayerNorm -> fp8 values and one scale per row. The sum and
+        the normalized row are rounded to the input's dtype on the way, as the unfused ops round them."""
         row_mask = rows[:, None] < n_rows
-        if SPLIT:
-            cols = tl.arange(0, HEAD)
-        else:
-            cols = tl.arange(0, BLOCK)
         mask = row_mask & (cols[None, :] < n_cols)
-        x = _summed(x_ptr, residual_ptr, sum_ptr, rows[:, None] * n_cols + cols[None, :], mask, HAS_RESIDUAL)
+        dtype = x.dtype
+        x = _summed(x, residual, sum_ptr, rows[:, None] * n_cols + cols[None, :], mask, HAS_RESIDUAL)
         total = tl.sum(x, axis=1)
         if SPLIT and TAIL > 0:
-            tail_cols = HEAD + tl.arange(0, TAIL)
             tail_mask = row_mask & (tail_cols[None, :] < n_cols)
-            tail = _summed(x_ptr, residual_ptr, sum_ptr, rows[:, None] * n_cols + tail_cols[None, :], tail_mask,
+            tail = _summed(tail, tail_residual, sum_ptr, rows[:, None] * n_cols + tail_cols[None, :], tail_mask,
                            HAS_RESIDUAL)
             total += tl.sum(tail, axis=1)
         mean = total / n_cols
@@ -321,12 +345,10 @@ if triton is not None:
             tail = tl.where(tail_mask, tail - mean[:, None], 0.0)
             squares += tl.sum(tail * tail, axis=1)
         inverse_std = 1.0 / tl.sqrt(squares / n_cols + eps)
-        normed = _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols,
-                                     x_ptr.dtype.element_ty)
+        normed = _scaled_and_shifted(centred, inverse_std, weight_ptr, bias_ptr, cols, n_cols, dtype)
         largest = tl.max(tl.abs(normed), axis=1)
         if SPLIT and TAIL > 0:
-            tail = _scaled_and_shifted(tail, inverse_std, weight_ptr, bias_ptr, tail_cols, n_cols,
-                                          x_ptr.dtype.element_ty)
+            tail = _scaled_and_shifted(tail, inverse_std, weight_ptr, bias_ptr, tail_cols, n_cols, dtype)
             largest = tl.maximum(largest, tl.max(tl.abs(tail), axis=1))
         scale = tl.maximum(largest / FP8_MAX, MIN_SCALE)
         quantized = tl.clamp(normed / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
@@ -336,24 +358,69 @@ if triton is not None:
             tl.store(out_ptr + rows[:, None] * n_cols + tail_cols[None, :], quantized, mask=tail_mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
+    @triton.autotune(configs=_layer_norm_configs(), key=["n_cols", "HAS_RESIDUAL"])
+    @triton.jit
+    def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
+                                    n_cols, eps, BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+                                    ROWS: tl.constexpr, SPLIT: tl.constexpr, PER_SM: tl.constexpr,
+                                    HAS_RESIDUAL: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS whole rows per program, or (PER_SM > 0) a block of ROWS rows at a time over blocks program_id,
+        program_id + num_programs, ..., each block's tiles loaded while the one before is normalized. The row is
+        one tile of BLOCK columns or, SPLIT, a HEAD tile and a TAIL tile."""
+        if SPLIT:
+            cols = tl.arange(0, HEAD)
+        else:
+            cols = tl.arange(0, BLOCK)
+        tail_cols = HEAD + tl.arange(0, TAIL if TAIL > 0 else 1)
+        block = tl.program_id(0).to(tl.int64)
+        rows = block * ROWS + tl.arange(0, ROWS)
+        x, residual, tail, tail_residual = _block_tiles(x_ptr, residual_ptr, rows, cols, tail_cols, n_rows, n_cols,
+                                                        SPLIT, TAIL, HAS_RESIDUAL)
+        if PER_SM == 0:
+            _layer_norm_block(x, residual, tail, tail_residual, rows, cols, tail_cols, sum_ptr, weight_ptr, bias_ptr,
+                              out_ptr, scale_ptr, n_rows, n_cols, eps, SPLIT, TAIL, HAS_RESIDUAL, FP8_MAX, MIN_SCALE)
+        else:
+            step = tl.num_programs(0)
+            while block * ROWS < n_rows:
+                ahead = rows + step * ROWS
+                next_x, next_residual, next_tail, next_tail_residual = _block_tiles(
+                    x_ptr, residual_ptr, ahead, cols, tail_cols, n_rows, n_cols, SPLIT, TAIL, HAS_RESIDUAL)
+                _layer_norm_block(x, residual, tail, tail_residual, rows, cols, tail_cols, sum_ptr, weight_ptr,
+                                  bias_ptr, out_ptr, scale_ptr, n_rows, n_cols, eps, SPLIT, TAIL, HAS_RESIDUAL,
+                                  FP8_MAX, MIN_SCALE)
+                x, residual, tail, tail_residual = next_x, next_residual, next_tail, next_tail_residual
+                rows = ahead
+                block += step
+
+    def _row_block_grid(n_rows: int, config: dict, device: torch.device):
+        """One program per ROWS rows or, persistent, PER_SM per multiprocessor (never more than there are blocks):
+        the grid of a configuration given, else a function of the autotuning's choice."""
+        sms = _multiprocessors(device)
+
+        def programs(meta: dict) -> tuple[int]:
+            blocks = triton.cdiv(n_rows, meta["ROWS"])
+            return (min(blocks, meta["PER_SM"] * sms) if meta.get("PER_SM") else blocks,)
+        return programs(config) if "ROWS" in config else programs
+
     def _launch_layer_norm(kernel, x, residual, total, weight, bias, eps, values, scales, **config) -> None:
         """Run ``kernel`` on contiguous (rows, n) ``x`` (+ ``residual``, written to ``total``), writing ``values`` and
         ``scales``. Without a residual (``residual`` is ``x``), ``total`` is only a placeholder: the kernel neither
         reads nor writes it, and an output (``values``) stands in, so that no input looks written to."""
         n_rows, n_cols = x.shape
         head, tail = _head_and_tail(n_cols)
-        kernel[_whole_row_grid(n_rows, config)](x, residual, total, weight, bias, values, scales, n_rows, n_cols,
-                                                eps, BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail,
-                                                HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-                                                **config)
+        kernel[_row_block_grid(n_rows, config, x.device)](x, residual, total, weight, bias, values, scales, n_rows,
+                                                          n_cols, eps, BLOCK=triton.next_power_of_2(n_cols), HEAD=head,
+                                                          TAIL=tail, HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX,
+                                                          MIN_SCALE=MIN_SCALE, **config)
 
     def run_layer_norm_config(x: torch.Tensor, residual: torch.Tensor | None, total: torch.Tensor | None,
                               weight: torch.Tensor, bias: torch.Tensor, eps: float, values: torch.Tensor,
-                              scales: torch.Tensor, rows: int, num_warps: int = 4, split: bool = False) -> None:
+                              scales: torch.Tensor, rows: int, num_warps: int = 4, split: bool = False,
+                              per_sm: int = 0) -> None:
         """One configuration of the LayerNorm kernel's autotuning, run directly: for tests and benchmarks."""
         _launch_layer_norm(_layer_norm_fp8_rows_kernel.fn, x, x if residual is None else residual,
                            values if total is None else total, weight, bias, eps, values, scales, ROWS=rows,
-                           SPLIT=split, num_warps=num_warps)
+                           SPLIT=split, PER_SM=per_sm, num_warps=num_warps)
 
     @triton_op("sccsdxl::layer_norm_fp8_rows", mutates_args=())
     def _layer_norm_fp8_rows_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -262,12 +262,14 @@ INTERPRETED = textwrap.dedent("""
             norm.bias.copy_(torch.randn(n_cols) * 0.1)
         x = (torch.randn(rows, n_cols) * torch.logspace(-1, 1, rows)[:, None]).to(torch.bfloat16)
         residual = torch.randn(rows, n_cols).to(torch.bfloat16)
-        for with_residual, per_program, split in itertools.product((False, True), (1, 2, 4), (False, True)):
+        # per_sm: one program per block of rows, or 2 or 4 (the interpreter's 2 "SMs" x 1 or 2) looping over blocks
+        for with_residual, per_program, split, per_sm in itertools.product((False, True), (1, 2, 4), (False, True),
+                                                                           (0, 1, 2)):
             values, scales = torch.full((rows, n_cols), float("nan")), torch.zeros(rows, 1)
             total = torch.full((rows, n_cols), float("nan"), dtype=torch.bfloat16) if with_residual else None
             fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
-                                        norm.eps, values, scales, rows=per_program, split=split)
-            where = ("layer norm", n_cols, with_residual, per_program, split)
+                                        norm.eps, values, scales, rows=per_program, split=split, per_sm=per_sm)
+            where = ("layer norm", n_cols, with_residual, per_program, split, per_sm)
             if with_residual:
                 exact = x.float() + residual.float()
                 assert ((total.float() - exact).abs() <= exact.abs() * step).all(), where
@@ -376,7 +378,8 @@ def test_layer_norm_kernel_matches_the_reference(n_cols):
             values, scales = torch.empty_like(ref_values), torch.empty_like(ref_scales)
             fused.run_layer_norm_config(x, residual if with_residual else None, torch.empty_like(x), norm.weight,
                                         norm.bias, norm.eps, values, scales, rows=config.kwargs["ROWS"],
-                                        num_warps=config.num_warps, split=config.kwargs["SPLIT"])
+                                        num_warps=config.num_warps, split=config.kwargs["SPLIT"],
+                                        per_sm=config.kwargs["PER_SM"])
             assert_close_to_reference(values, scales, *reference)
 
 

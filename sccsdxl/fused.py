@@ -27,11 +27,13 @@ norm kernels per forward at batch 25 on the H200 (GroupNorms are the rest); its 
 minutes (BENCHMARKS.md, sessions 4 and 8). The kernel reads each row once and writes it once, like the row kernel
 above; its autotuning chooses, besides rows per program and warps, whether a row is held padded to a power of two or
 as a head and tail like the GEGLU kernel's (1280 = 1024 + 256), and, as the GEGLU kernel's, a persistent form that
-loads the next block of rows while it normalizes the current one.
+loads the next block of rows while it normalizes the current one. SCCSDXL_NO_PERSISTENT_KERNELS=1 in the environment
+leaves the persistent forms out of both kernels' choices: an A/B of them on one GPU, in two processes.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (0/0 would make the whole row NaN)
+PERSISTENT = os.environ.get("SCCSDXL_NO_PERSISTENT_KERNELS", "") in ("", "0")  # read once, when the kernels are made
 
 try:
     import triton
@@ -82,7 +85,7 @@ if triton is not None:
         # and a 2560-wide one 64 at 8 warps (four per SM; ptxas for sm_90)
         persistent = [triton.Config({"CHUNK": 0, "SPLIT": True, "PER_SM": per_sm}, num_warps=w)
                       for per_sm, w in ((1, 16), (2, 8), (2, 16), (4, 8))]
-        return one_pass + two_pass + persistent
+        return one_pass + two_pass + (persistent if PERSISTENT else [])
 
     def _head_and_tail(n_cols: int) -> tuple[int, int]:
         """5120 -> (4096, 1024); 2560 -> (2048, 512); 100 -> (64, 64), the tail masked; 128 -> (128, 0)."""
@@ -281,7 +284,7 @@ if triton is not None:
         # two fit on an SM (ptxas for sm_90); the few choices here are the ones that fit their PER_SM
         persistent = [triton.Config({"ROWS": rows, "SPLIT": True, "PER_SM": per_sm}, num_warps=warps)
                       for rows, per_sm, warps in ((2, 2, 4), (2, 3, 4), (4, 2, 4), (4, 2, 8))]
-        return one_block + persistent
+        return one_block + (persistent if PERSISTENT else [])
 
     @triton.jit
     def _row_tiles(x_ptr, residual_ptr, at, mask, HAS_RESIDUAL: tl.constexpr):

@@ -1,6 +1,7 @@
 """The fp8 row-quantization kernels (options fused_geglu, fp8_attn_out, fused_norms): their definitions and modules on the CPU,
 the kernels in Triton's CPU interpreter, and on a GPU."""
 import copy
+import os
 import textwrap
 
 import pytest
@@ -287,6 +288,20 @@ INTERPRETED = textwrap.dedent("""
 def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_columns():
     """The Triton kernels themselves, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
     assert_interpreted_ok(INTERPRETED)
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_persistent_kernel_forms_can_be_left_out_for_an_a_b():
+    import subprocess
+    import sys
+
+    count = ("from sccsdxl import fused; print(len(fused._configs()), len(fused._layer_norm_configs()), "
+             "sum(c.kwargs['PER_SM'] > 0 for c in fused._configs() + fused._layer_norm_configs()))")
+    runs = {flag: subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "SCCSDXL_NO_PERSISTENT_KERNELS": flag}).stdout.split()
+            for flag in ("0", "1")}
+    geglu, layer_norm, persistent = map(int, runs["0"])
+    assert persistent == 8 and runs["1"] == [str(geglu - 4), str(layer_norm - 4), "0"]
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")

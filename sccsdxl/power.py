@@ -163,7 +163,10 @@ def _gpu_summary(gpu: _Watched, seconds: float) -> dict:
     clocks = [c for _, c, _ in gpu.samples]
     counted = gpu.energy_start_mj is not None and gpu.energy_end_mj is not None
     energy = (gpu.energy_end_mj - gpu.energy_start_mj) / 1000 if counted else sum(powers) / len(powers) * seconds
-    share = lambda bits: round(sum(1 for *_, r in gpu.samples if r & bits) / len(gpu.samples), 3)  # noqa: E731
+    def share(bits: int) -> float:
+        """The share of samples in which the driver gave one of these reasons for holding the clock down."""
+        return round(sum(1 for *_, reasons in gpu.samples if reasons & bits) / len(gpu.samples), 3)
+
     return {"name": gpu.name, "energy_j": round(energy, 1), "energy_from": "counter" if counted else "samples",
             "mean_power_w": round(energy / seconds, 1) if seconds else None, "max_power_w": round(max(powers), 1),
             "power_limit_w": round(gpu.power_limit_w, 1), "mean_sm_mhz": round(sum(clocks) / len(clocks)),

@@ -25,12 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import torch
 
 sys.path.insert(0, ".")
 from sccsdxl.data import sample_set  # noqa: E402
+from sccsdxl.power import PowerMonitor, visible_gpu_uuids  # noqa: E402
 from sccsdxl.pipeline import build_random_pipeline, free_gpu_memory, make_runner  # noqa: E402
 from sccsdxl.quant import apply_optimizations, own_inductor_settings, parse_optimizations, sdpa_context  # noqa: E402
 
@@ -98,41 +96,17 @@ def call_ms(fn, reps: int) -> list[float]:
     return times
 
 
-SAMPLED = ("sm_mhz", "memory_mhz", "power_w", "temperature_c", "clock_event_reasons")
-
-
-def summarize_samples(lines: list[str]) -> dict:
-    """nvidia-smi's CSV rows (the SAMPLED fields, no units) -> the clocks, power and temperature over the timed calls,
-    and every reason the driver gave for holding the clock down (a bit mask: 0x4 power cap, 0x20/0x40 thermal)."""
-    rows = [dict(zip(SAMPLED, (part.strip() for part in line.split(",")))) for line in lines if line.count(",") == 4]
-    numbers = {name: [float(r[name]) for r in rows if r[name].replace(".", "", 1).isdigit()] for name in SAMPLED[:4]}
-    if not rows or not numbers["sm_mhz"]:
-        return {}
-    summary = {f"{name}_mean": round(statistics.mean(v), 1) for name, v in numbers.items() if v}
-    summary |= {"sm_mhz_min": min(numbers["sm_mhz"]), "samples": len(rows),
-                "clock_event_reasons": sorted({r["clock_event_reasons"] for r in rows})}
-    return summary
-
-
 @contextlib.contextmanager
 def gpu_samples(result: dict, period_ms: int = 200):
-    """Sample the GPU's clocks, power and temperature while the body runs (cuda with nvidia-smi only): a clock held
-    under its maximum under sustained load slows every kernel against its figure measured alone."""
-    if DEVICE != "cuda" or not shutil.which("nvidia-smi"):
+    """The GPU's energy, power and SM clock while the body runs (``sccsdxl.power``, through NVML; cuda only): a
+    clock held under its maximum under sustained load slows every kernel against its figure measured alone, and
+    ``power_capped_share`` says whether the power limit is what held it."""
+    if DEVICE != "cuda":
         yield
         return
-    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
-    with tempfile.TemporaryFile("w+") as log:
-        sampler = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-                                    "-lms", str(period_ms), "-i", index], stdout=log, stderr=subprocess.DEVNULL)
-        try:
-            yield
-        finally:
-            sampler.terminate()
-            sampler.wait()
-            log.seek(0)
-            result["gpu_samples"] = summarize_samples(log.read().splitlines())
+    with PowerMonitor(visible_gpu_uuids()[:1], period_s=period_ms / 1000) as watch:
+        yield
+    result["gpu_samples"] = watch.summary()
 
 
 def profile(fn) -> dict:

@@ -10,8 +10,9 @@ and one scale per row, and the down projection runs as an fp8 matmul through tor
 its weight quantized per row by torchao's own primitives (the same numbers as torchao's fp8 config). On the
 H200 the kernel moves 2.5-2.9 TB/s (one pass, the row held as a 4096 + 1024 head and tail); the UNet forward
 went from 611 to 589 ms with the first, padded version of it. Inside a whole batch it moves about 2.3 TB/s, where
-inductor's plain GEGLU (no row reduction) moved about 3.3 in a profiled UNet forward (session 4): its autotuning can also choose a persistent form that loads
-each row while the one before is reduced and stored (BENCHMARKS.md, session 16).
+inductor's plain GEGLU (no row reduction) moved about 3.3 in a profiled UNet forward (session 4): its autotuning
+can also choose a persistent form that loads each row while the one before is reduced and stored (BENCHMARKS.md,
+session 16).
 
 Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
@@ -32,6 +33,7 @@ leaves the persistent forms out of both kernels' choices: an A/B of them on one 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -195,30 +197,34 @@ if triton is not None:
             _geglu_fp8_rows_persistent(hidden_ptr, out_ptr, scale_ptr, n_rows, n_cols, hidden_stride, out_stride,
                                        HEAD, TAIL, FP8_MAX, MIN_SCALE)
 
+    @functools.lru_cache
     def _multiprocessors(device: torch.device) -> int:
         """The GPU's SM count; 2 for the CPU interpreter, so that its persistent programs loop over several rows."""
         return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
-    def _programs(n_rows: int, per_sm: int, device: torch.device) -> int:
-        """One program per row, or, persistent, PER_SM per multiprocessor (never more than there are rows)."""
-        return min(n_rows, per_sm * _multiprocessors(device)) if per_sm else n_rows
+    def _row_grid(n_rows: int, config: dict, device: torch.device):
+        """The row kernels' grid: one program per block of ROWS rows (per row for a kernel without ROWS) or,
+        persistent (PER_SM > 0), PER_SM per multiprocessor, never more than there are blocks. For a configuration
+        run directly, its grid; else a function of the autotuning's choice."""
+        sms = _multiprocessors(device)
+
+        def programs(meta: dict) -> tuple[int]:
+            blocks = triton.cdiv(n_rows, meta.get("ROWS", 1))
+            return (min(blocks, meta["PER_SM"] * sms) if meta.get("PER_SM") else blocks,)
+        return programs(config) if config.keys() & {"ROWS", "PER_SM"} else programs
 
     def _launch(kernel, hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
         """Run ``kernel`` on (rows, 2n) ``hidden``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
         n_rows, n_cols = values.shape
         head, tail = _head_and_tail(n_cols)
-        if "PER_SM" in config:  # a configuration run directly
-            grid = (_programs(n_rows, config["PER_SM"], hidden.device),)
-        else:
-            sms = _multiprocessors(hidden.device)
-            grid = lambda meta: (min(n_rows, meta["PER_SM"] * sms) if meta["PER_SM"] else n_rows,)  # noqa: E731
-        kernel[grid](hidden, values, scales, n_rows, n_cols, hidden.stride(0), values.stride(0),
-                     BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX,
-                     MIN_SCALE=MIN_SCALE, **config)
+        kernel[_row_grid(n_rows, config, hidden.device)](hidden, values, scales, n_rows, n_cols, hidden.stride(0),
+                                                         values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
+                                                         HEAD=head, TAIL=tail, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+                                                         **config)
 
     def run_strategy(hidden: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, num_warps: int = 4,
                      PER_SM: int = 0, **strategy) -> None:  # noqa: N803 (the kernel's name)
-        """One strategy the autotuning chooses from (CHUNK, SPLIT, PER_SM), run directly: for tests and the benchmark."""
+        """One strategy the autotuning chooses from (CHUNK, SPLIT, PER_SM), run directly: for tests and benchmarks."""
         _launch(_geglu_fp8_rows_kernel.fn, hidden, values, scales, num_warps=num_warps, PER_SM=PER_SM, **strategy)
 
     @triton_op("sccsdxl::geglu_fp8_rows", mutates_args=())
@@ -233,11 +239,6 @@ if triton is not None:
     def _whole_row_configs() -> list:
         """For kernels that hold ROWS whole rows (up to 1280 wide) per program: how many rows, how many warps."""
         return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)]
-
-    def _whole_row_grid(n_rows: int, config: dict):
-        """One program per ROWS rows: ROWS given when a configuration is run directly, else the autotuning's."""
-        per_program = config.get("ROWS")
-        return (triton.cdiv(n_rows, per_program),) if per_program else lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)
 
     @triton.autotune(configs=_whole_row_configs(), key=["n_cols"])
     @triton.jit
@@ -256,9 +257,9 @@ if triton is not None:
     def _launch_rows(kernel, matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
         """Run ``kernel`` on (rows, n) ``matrix``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
         n_rows, n_cols = matrix.shape
-        kernel[_whole_row_grid(n_rows, config)](matrix, values, scales, n_rows, n_cols, matrix.stride(0),
-                                                values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
-                                                FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+        kernel[_row_grid(n_rows, config, matrix.device)](matrix, values, scales, n_rows, n_cols, matrix.stride(0),
+                                                         values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
+                                                         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_rows_config(matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, rows: int,
                         num_warps: int = 4) -> None:
@@ -395,26 +396,16 @@ if triton is not None:
                 rows = ahead
                 block += step
 
-    def _row_block_grid(n_rows: int, config: dict, device: torch.device):
-        """One program per ROWS rows or, persistent, PER_SM per multiprocessor (never more than there are blocks):
-        the grid of a configuration given, else a function of the autotuning's choice."""
-        sms = _multiprocessors(device)
-
-        def programs(meta: dict) -> tuple[int]:
-            blocks = triton.cdiv(n_rows, meta["ROWS"])
-            return (min(blocks, meta["PER_SM"] * sms) if meta.get("PER_SM") else blocks,)
-        return programs(config) if "ROWS" in config else programs
-
     def _launch_layer_norm(kernel, x, residual, total, weight, bias, eps, values, scales, **config) -> None:
         """Run ``kernel`` on contiguous (rows, n) ``x`` (+ ``residual``, written to ``total``), writing ``values`` and
         ``scales``. Without a residual (``residual`` is ``x``), ``total`` is only a placeholder: the kernel neither
         reads nor writes it, and an output (``values``) stands in, so that no input looks written to."""
         n_rows, n_cols = x.shape
         head, tail = _head_and_tail(n_cols)
-        kernel[_row_block_grid(n_rows, config, x.device)](x, residual, total, weight, bias, values, scales, n_rows,
-                                                          n_cols, eps, BLOCK=triton.next_power_of_2(n_cols), HEAD=head,
-                                                          TAIL=tail, HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX,
-                                                          MIN_SCALE=MIN_SCALE, **config)
+        kernel[_row_grid(n_rows, config, x.device)](x, residual, total, weight, bias, values, scales, n_rows, n_cols,
+                                                    eps, BLOCK=triton.next_power_of_2(n_cols), HEAD=head, TAIL=tail,
+                                                    HAS_RESIDUAL=residual is not x, FP8_MAX=FP8_MAX,
+                                                    MIN_SCALE=MIN_SCALE, **config)
 
     def run_layer_norm_config(x: torch.Tensor, residual: torch.Tensor | None, total: torch.Tensor | None,
                               weight: torch.Tensor, bias: torch.Tensor, eps: float, values: torch.Tensor,

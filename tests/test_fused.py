@@ -304,6 +304,16 @@ def test_the_persistent_kernel_forms_can_be_left_out_for_an_a_b():
     assert persistent == 8 and runs["1"] == [str(geglu - 4), str(layer_norm - 4), "0"]
 
 
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_row_kernels_share_one_grid_given_or_chosen_by_the_autotuning():
+    cpu = torch.device("cpu")  # the interpreter's 2 "multiprocessors"
+    chosen = fused._row_grid(1000, {}, cpu)  # no configuration given: a function of the autotuning's choice
+    assert chosen({"ROWS": 4}) == (250,) and chosen({"CHUNK": 0, "PER_SM": 0}) == (1000,)
+    assert chosen({"ROWS": 4, "PER_SM": 2}) == (4,) and chosen({"PER_SM": 1}) == (2,)
+    assert fused._row_grid(3, {"PER_SM": 4, "num_warps": 8}, cpu) == (3,)  # never more programs than blocks
+    assert fused._row_grid(10, {"ROWS": 4, "num_warps": 4}, cpu) == (3,)
+
+
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")
 
 

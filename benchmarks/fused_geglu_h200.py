@@ -1,8 +1,8 @@
 """BENCHMARKS.md "Batch 50, a fused GEGLU + fp8 kernel": sccsdxl.fused's kernel alone on the two SDXL feed-forward shapes at batch 25.
 
-Times each strategy the kernel's autotuning chooses from (one pass padded, one pass head + tail, two passes
-over chunks, and since session 16 the persistent head + tail pass that loads the next row ahead, at 1, 2 or 4
-programs per SM; several warp counts), the autotuned call, and the unfused torch definition, with the bytes
+Times each strategy the kernel's autotuning chooses from (one row per program: one pass padded, one pass head +
+tail, two passes over chunks; and since session 17 blocks of 2 or 4 rows per program, head + tail; several warp
+counts), the autotuned call, and the unfused torch definition, with the bytes
 moved per second (read 2n bf16, write n fp8 and a scale per row). Run on a GPU node:
   python3 benchmarks/fused_geglu_h200.py
 """

@@ -34,10 +34,9 @@ for name, (rows, width) in BLOCK_ROWS.items():
     for with_residual in (False, True):
         shape = f"{name} | {'yes' if with_residual else 'no'}"
         moved = rows * width * (7 if with_residual else 3) + rows * 4
-        whole_row_config_rows(shape, fused._layer_norm_fp8_rows_kernel, lambda per_program, warps, split, per_sm: (
+        whole_row_config_rows(shape, fused._layer_norm_fp8_rows_kernel, lambda per_program, warps, split: (
             fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
-                                        norm.eps, values, scales, rows=per_program, num_warps=warps, split=split,
-                                        per_sm=per_sm)),
+                                        norm.eps, values, scales, rows=per_program, num_warps=warps, split=split)),
                               moved)
         op = (lambda: fused.add_layer_norm_fp8_rows(x, residual, norm)) if with_residual else \
             (lambda: fused.layer_norm_fp8_rows(x, norm))

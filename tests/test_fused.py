@@ -225,9 +225,9 @@ INTERPRETED = textwrap.dedent("""
     torch.manual_seed(3)
     strategies = {"padded one pass": dict(CHUNK=0, SPLIT=False), "head + tail one pass": dict(CHUNK=0, SPLIT=True),
                   "two passes": dict(CHUNK=32, SPLIT=False),
-                  # 2 or 4 programs here, each looping over rows: 5 rows leave the programs unequal shares
-                  "persistent": dict(CHUNK=0, SPLIT=True, PER_SM=1),
-                  "persistent, 2 per SM": dict(CHUNK=0, SPLIT=True, PER_SM=2)}
+                  # blocks of rows: 5 rows leave a last block with one row (of 2) or one row (of 4) in it
+                  "2 rows per program": dict(ROWS=2, CHUNK=0, SPLIT=True),
+                  "4 rows per program": dict(ROWS=4, CHUNK=0, SPLIT=True)}
     for rows, n_cols in ((5, 100), (3, 96), (2, 128)):  # a masked tail, an exact tail, no tail
         hidden = (torch.randn(rows, 2 * n_cols) * 3).to(torch.bfloat16)
         value, gate = hidden.float().chunk(2, dim=-1)
@@ -263,14 +263,12 @@ INTERPRETED = textwrap.dedent("""
             norm.bias.copy_(torch.randn(n_cols) * 0.1)
         x = (torch.randn(rows, n_cols) * torch.logspace(-1, 1, rows)[:, None]).to(torch.bfloat16)
         residual = torch.randn(rows, n_cols).to(torch.bfloat16)
-        # per_sm: one program per block of rows, or 2 or 4 (the interpreter's 2 "SMs" x 1 or 2) looping over blocks
-        for with_residual, per_program, split, per_sm in itertools.product((False, True), (1, 2, 4), (False, True),
-                                                                           (0, 1, 2)):
+        for with_residual, per_program, split in itertools.product((False, True), (1, 2, 4), (False, True)):
             values, scales = torch.full((rows, n_cols), float("nan")), torch.zeros(rows, 1)
             total = torch.full((rows, n_cols), float("nan"), dtype=torch.bfloat16) if with_residual else None
             fused.run_layer_norm_config(x, residual if with_residual else None, total, norm.weight, norm.bias,
-                                        norm.eps, values, scales, rows=per_program, split=split, per_sm=per_sm)
-            where = ("layer norm", n_cols, with_residual, per_program, split, per_sm)
+                                        norm.eps, values, scales, rows=per_program, split=split)
+            where = ("layer norm", n_cols, with_residual, per_program, split)
             if with_residual:
                 exact = x.float() + residual.float()
                 assert ((total.float() - exact).abs() <= exact.abs() * step).all(), where
@@ -291,27 +289,23 @@ def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_colum
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
-def test_the_persistent_kernel_forms_can_be_left_out_for_an_a_b():
+def test_the_geglu_kernels_row_blocks_can_be_left_out_for_an_a_b():
     import subprocess
     import sys
 
-    count = ("from sccsdxl import fused; print(len(fused._configs()), len(fused._layer_norm_configs()), "
-             "sum(c.kwargs['PER_SM'] > 0 for c in fused._configs() + fused._layer_norm_configs()))")
+    count = "from sccsdxl import fused; print(*sorted(c.kwargs['ROWS'] for c in fused._configs()))"
     runs = {flag: subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "SCCSDXL_NO_PERSISTENT_KERNELS": flag}).stdout.split()
+                                 env={**os.environ, "SCCSDXL_ONE_ROW_GEGLU": flag}).stdout.split()
             for flag in ("0", "1")}
-    geglu, layer_norm, persistent = map(int, runs["0"])
-    assert persistent == 8 and runs["1"] == [str(geglu - 4), str(layer_norm - 4), "0"]
+    assert set(runs["0"]) == {"1", "2", "4"} and set(runs["1"]) == {"1"}
+    assert runs["0"].count("1") == len(runs["1"])  # the one-row choices are the same either way
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
 def test_the_row_kernels_share_one_grid_given_or_chosen_by_the_autotuning():
-    cpu = torch.device("cpu")  # the interpreter's 2 "multiprocessors"
-    chosen = fused._row_grid(1000, {}, cpu)  # no configuration given: a function of the autotuning's choice
-    assert chosen({"ROWS": 4}) == (250,) and chosen({"CHUNK": 0, "PER_SM": 0}) == (1000,)
-    assert chosen({"ROWS": 4, "PER_SM": 2}) == (4,) and chosen({"PER_SM": 1}) == (2,)
-    assert fused._row_grid(3, {"PER_SM": 4, "num_warps": 8}, cpu) == (3,)  # never more programs than blocks
-    assert fused._row_grid(10, {"ROWS": 4, "num_warps": 4}, cpu) == (3,)
+    chosen = fused._row_grid(1000, {})  # no configuration given: a function of the autotuning's choice
+    assert chosen({"ROWS": 4, "SPLIT": True}) == (250,) and chosen({"ROWS": 1, "CHUNK": 0}) == (1000,)
+    assert fused._row_grid(10, {"ROWS": 4, "num_warps": 4}) == (3,)  # a last, partial block
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernel needs a GPU (run on the H200: BENCHMARKS.md)")
@@ -403,8 +397,7 @@ def test_layer_norm_kernel_matches_the_reference(n_cols):
             values, scales = torch.empty_like(ref_values), torch.empty_like(ref_scales)
             fused.run_layer_norm_config(x, residual if with_residual else None, torch.empty_like(x), norm.weight,
                                         norm.bias, norm.eps, values, scales, rows=config.kwargs["ROWS"],
-                                        num_warps=config.num_warps, split=config.kwargs["SPLIT"],
-                                        per_sm=config.kwargs["PER_SM"])
+                                        num_warps=config.num_warps, split=config.kwargs["SPLIT"])
             assert_close_to_reference(values, scales, *reference)
 
 

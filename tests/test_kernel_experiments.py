@@ -1,4 +1,4 @@
-"""The fp8 kernel experiments in benchmarks/ (convolution, attention, the persistent GEGLU GEMM), run by Triton's CPU interpreter on tiny shapes:
+"""The fp8 kernel experiments in benchmarks/ (convolutions, attention, the persistent GEGLU GEMM), run by Triton's CPU interpreter on tiny shapes:
 their kernels must compute what they claim before a GPU run times them."""
 import os
 import subprocess
@@ -27,6 +27,14 @@ def test_fp8_convolution_matches_cudnns_definition():
     for name, unquantized_error, fp8_error in rows:
         assert float(unquantized_error) < 0.01, name  # the gather, masks and bias: exact up to bf16 rounding
         assert float(fp8_error) < 0.06, name  # e4m3 activations and weights
+
+
+def test_shifted_fp8_convolution_computes_the_convolution_of_its_e4m3_operands():
+    rows = interpreted_rows("conv_shifted_fp8_h200.py")
+    assert len(rows) == 2  # whole tiles, and partial row and channel tiles
+    for name, exact_error, fp8_error in rows:
+        assert float(exact_error) < 0.01, name  # shifted rows, the zero frame and guard, the stores: up to bf16 output
+        assert float(fp8_error) < 0.06, name  # e4m3 activations (one scale) and weights (one per output channel)
 
 
 def test_fp8_attention_matches_scaled_dot_product_attention():

@@ -1,0 +1,181 @@
+"""Can an fp8 3x3 convolution run at GEMM speed on Hopper if its input is stored zero-padded?
+
+The UNet's convolutions are 4.8-4.9 s of a 21.4-21.8 s batch of 50 on an H200 (BENCHMARKS.md, sessions 16-17), in
+bf16 through cuDNN, while its fp8 GEMMs run near 1,300 TFLOP/s. Neither cuDNN's fp8 convolution (310 TFLOP/s at most
+shapes, session 9) nor conv_fp8_h200.py's implicit GEMM (770-900 TFLOP/s: each program gathers its 3x3 window
+through pointers, session 5) came close. Here the input is stored as the GroupNorm kernel could write it: e4m3 with
+one scale, NHWC, each image framed by a one-pixel border of zeros, flattened to rows of pixels. Then the pixel
+under tap (dy, dx) of output pixel q is input row q + dy * (W + 2) + dx, for every q of the framed grid: each
+tap's operand is the same matrix shifted by a constant number of rows, so every tile load is one plain 2D TMA
+block and the kernel is a GEMM over K = 9 x C_in. It computes the frame's outputs too (13 % more at 32 x 32,
+6 % at 64 x 64, 3 % at 128 x 128) and stores only the image's. The weights are e4m3 with one scale per output
+channel.
+
+At the UNet's 3x3 convolutions (50 rows: batch 25 with guidance), it checks the kernel against cuDNN's bf16
+convolution of the same input (the fp8 error) and against the convolution of the dequantized e4m3 input and
+weights (exact up to the bf16 output), then times cuDNN in bf16, conv_fp8_h200.py's kernel in fp8, this kernel,
+and framing + quantizing the input with torch (what the GroupNorm kernel would write instead; compiled). TFLOP/s
+count the image's outputs only. Run on a Hopper GPU node:
+  python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import conv_fp8_h200 as gathered  # switches Triton's interpreter on first under --interpret
+from kernel_bench import FP8, FP8_MAX, gpu_ms, relative_error, run_experiment
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
+sys.path.insert(0, ".")
+from sccsdxl.ffn_gemm import grouped_tile  # noqa: E402  the tile order of sccsdxl's GEMM kernel
+
+# the 3x3, stride-1 convolutions of conv_fp8_h200.py (the downsampler and the 1x1 shortcut are GEMM-like already)
+SHAPES = [shape for shape in gathered.SHAPES if shape[5] == 3 and shape[6] == 1]
+TINY = [("tiny 3x3, 6 x 6", 2, 6, 64, 32), ("tiny 3x3, 3 images of 5 x 5, partial tiles", 3, 5, 96, 40)]
+FIXED = {"BM": 16, "BN": 16, "BK": 32, "GROUP_M": 2}  # the interpreter cannot autotune
+
+
+def _set_blocks(args: dict) -> None:
+    """The TMA descriptors' blocks follow the tile being run (the autotuning's pre-hook)."""
+    args["x_desc"].block_shape = [args["BM"], args["BK"]]
+    args["w_desc"].block_shape = [args["BN"], args["BK"]]
+
+
+def _configs() -> list:
+    """(BM, BN, BK, warps, stages): e4m3 tiles, up to 4 stages of 48 kB in shared memory (ptxas: no spills)."""
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
+                          pre_hook=_set_blocks)
+            for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3),
+                                              (128, 256, 128, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+                                              (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]]
+
+
+def _fits(configs, named_args, **kwargs):
+    """Only K blocks that divide the input channels: a K step must not run past one tap's channels."""
+    return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0]
+
+
+@triton.autotune(configs=_configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
+                 prune_configs_by={"early_config_prune": _fits})
+@triton.jit
+def _shifted_conv_kernel(x_desc, w_desc, y_ptr, scale_ptr, bias_ptr, FRAMED, GUARD, H, W, C_IN, C_OUT,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """y[pixel, n] = scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c] (+ bias[n]),
+    q running over the FRAMED rows of the framed grid (GUARD zero rows before them), stored where q is an image
+    pixel."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
+    chunks = C_IN // BK
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.range(0, 9 * chunks):
+        tap = k // chunks
+        channel = (k - tap * chunks) * BK
+        shift = (tap // 3 - 1) * (W + 2) + tap % 3 - 1
+        a = x_desc.load([GUARD + pid_m * BM + shift, channel])
+        b = w_desc.load([pid_n * BN, tap * C_IN + channel])
+        acc = tl.dot(a, b.T, acc)
+    q = pid_m * BM + tl.arange(0, BM)
+    per_image = (H + 2) * (W + 2)
+    row, column = (q % per_image) // (W + 2), q % (W + 2)
+    inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
+    pixel = ((q // per_image * H + row - 1) * W + column - 1).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < C_OUT
+    out = acc * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=inside[:, None] & n_ok[None, :])
+
+
+def framed_fp8(x_nhwc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> e4m3 rows of the zero-framed grid, (W + 3) zero guard rows before and after (so that no
+    shifted row index is negative): (2 (W + 3) + N (H + 2) (W + 2), C)."""
+    n, h, w, c = x_nhwc.shape
+    guard = w + 3
+    flat = torch.zeros(2 * guard + n * (h + 2) * (w + 2), c, device=x_nhwc.device, dtype=torch.float32)
+    grid = flat[guard:guard + n * (h + 2) * (w + 2)].view(n, h + 2, w + 2, c)
+    grid[:, 1:h + 1, 1:w + 1] = (x_nhwc.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+    return flat.to(FP8)
+
+
+def weight_taps(w_q: torch.Tensor) -> torch.Tensor:
+    """(C_out, 3, 3, C_in) -> (C_out, 9 C_in): K ordered tap by tap, as the kernel walks it."""
+    return w_q.reshape(w_q.shape[0], -1).contiguous()
+
+
+def shifted_conv(framed: torch.Tensor, w_k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
+    """The kernel on ``framed`` (from framed_fp8) and ``w_k`` (from weight_taps); ``scale``: the input's scale
+    times each output channel's, (C_out,) fp32. Returns (N, H, W, C_out) bf16. ``config``: fixed tiles instead of
+    autotuning."""
+    c_in, c_out = framed.shape[1], w_k.shape[0]
+    rows = n * (h + 2) * (w + 2)
+    y = torch.empty(n, h, w, c_out, device=framed.device, dtype=torch.bfloat16)
+
+    grid = lambda meta: (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)  # noqa: E731
+    # the descriptors' blocks are set per tile: by the autotuning's pre-hook, or here for a fixed tile
+    x_desc, w_desc = TensorDescriptor.from_tensor(framed, [64, 64]), TensorDescriptor.from_tensor(w_k, [64, 64])
+    kernel = _shifted_conv_kernel
+    if config is not None:
+        _set_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
+        kernel = _shifted_conv_kernel.fn
+    kernel[grid](x_desc, w_desc, y, scale, scale if bias is None else bias, rows, w + 3, h, w, c_in, c_out,
+                 HAS_BIAS=bias is not None, **(config or {}))
+    return y
+
+
+def case(rows, size, c_in, c_out, device):
+    """Input like GroupNorm + SiLU's output, weights at kaiming scale, the bias small."""
+    x = F.silu(torch.randn(rows, c_in, size, size, device=device) * 1.5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, 3, 3, device=device) * (2 / (c_in * 9)) ** 0.5).to(torch.bfloat16)
+    bias = (torch.randn(c_out, device=device) * 0.1).to(torch.bfloat16)
+    return x, weight.contiguous(memory_format=torch.channels_last), bias
+
+
+def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
+    x, weight, bias = case(rows, size, c_in, c_out, device)
+    x_nhwc = x.permute(0, 2, 3, 1)  # a view: channels_last memory is NHWC-contiguous
+    x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)  # as a calibration (or the norm's statistics) sets it
+    w_q, w_scale = gathered.quantize_out_channels(weight.permute(0, 2, 3, 1).contiguous())
+    scale = x_scale * w_scale
+    framed, w_k = framed_fp8(x_nhwc, x_scale), weight_taps(w_q)
+    out = shifted_conv(framed, w_k, scale, bias, rows, size, size, None if timed else FIXED).permute(0, 3, 1, 2)
+    reference = F.conv2d(x, weight, bias, padding=1)
+    x_q = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    dequantized = F.conv2d(x_q.float() * x_scale, w_q.float().permute(0, 3, 1, 2) * w_scale[:, None, None, None],
+                           bias.float(), padding=1)
+    row = f"| {name} | {relative_error(out, dequantized):.4f} | {relative_error(out, reference):.4f} |"
+    if not timed:
+        return row
+    flop = 2 * rows * size * size * c_out * c_in * 9
+    x_q_nhwc = x_q.permute(0, 2, 3, 1)
+    frame = torch.compile(framed_fp8, dynamic=False)
+    frame(x_nhwc, x_scale)
+    times = {"cudnn": gpu_ms(lambda: F.conv2d(x, weight, bias, padding=1)),
+             "gathered": gpu_ms(lambda: gathered.conv_nhwc(x_q_nhwc, w_q, scale, bias, 1, 1)),
+             "shifted": gpu_ms(lambda: shifted_conv(framed, w_k, scale, bias, rows, size, size)),
+             "frame": gpu_ms(lambda: frame(x_nhwc, x_scale))}
+    rate = {key: f"{ms:.3f} ({flop / ms / 1e9:.0f})" for key, ms in times.items() if key != "frame"}
+    best = _shifted_conv_kernel.best_config
+    return (row + f" {rate['cudnn']} | {rate['gathered']} | {rate['shifted']} | {times['frame']:.3f} | "
+            f"{times['cudnn'] / times['shifted']:.2f}x | {times['cudnn'] / (times['shifted'] + times['frame']):.2f}x"
+            f" | {best.kwargs} w{best.num_warps} s{best.num_stages} |")
+
+
+def main() -> None:
+    run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16",
+                   "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | shifted fp8 ms (TFLOP/s) "
+                   "| framing + quantizing the input ms (torch, compiled) | cuDNN / shifted | cuDNN / (shifted + "
+                   "framing) | shifted's tile |")
+
+
+if __name__ == "__main__":
+    main()

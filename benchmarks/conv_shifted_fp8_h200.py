@@ -9,13 +9,16 @@ under tap (dy, dx) of output pixel q is input row q + dy * (W + 2) + dx, for eve
 tap's operand is the same matrix shifted by a constant number of rows, so every tile load is one plain 2D TMA
 block and the kernel is a GEMM over K = 9 x C_in. It computes the frame's outputs too (13 % more at 32 x 32,
 6 % at 64 x 64, 3 % at 128 x 128) and stores only the image's. The weights are e4m3 with one scale per output
-channel.
+channel. sccsdxl.fp8_conv (option fp8_convs) runs the same sums with plain loads (each tile still BM consecutive
+rows; torch.compile then needs no TMA descriptors), its input scale read from the norm's largest value.
 
-At the UNet's 3x3 convolutions (50 rows: batch 25 with guidance), it checks the kernel against cuDNN's bf16
-convolution of the same input (the fp8 error) and against the convolution of the dequantized e4m3 input and
-weights (exact up to the bf16 output), then times cuDNN in bf16, conv_fp8_h200.py's kernel in fp8, this kernel,
-and framing + quantizing the input with torch (what the GroupNorm kernel would write instead; compiled). TFLOP/s
-count the image's outputs only. Run on a Hopper GPU node:
+At the UNet's 3x3 convolutions (50 rows: batch 25 with guidance), it checks the TMA kernel against cuDNN's bf16
+convolution of the same input (the fp8 error), against the convolution of the dequantized e4m3 input and weights
+(exact up to the bf16 output) and against sccsdxl.fp8_conv's kernel, then times cuDNN in bf16, conv_fp8_h200.py's
+kernel in fp8, the TMA kernel, sccsdxl.fp8_conv's, and framing + quantizing the input with torch (compiled). TFLOP/s
+count the image's outputs only. Then a ResNet block's GroupNorm + SiLU and convolution as fused_group_norms runs
+them (the norm kernels writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: a zeroed framed buffer,
+a pass for the largest value, the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
   python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
 """
 from __future__ import annotations
@@ -33,6 +36,8 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, ".")
+from sccsdxl import fp8_conv  # noqa: E402
+from sccsdxl import group_norm as G  # noqa: E402
 from sccsdxl.ffn_gemm import grouped_tile  # noqa: E402  the tile order of sccsdxl's GEMM kernel
 
 # the 3x3, stride-1 convolutions of conv_fp8_h200.py (the downsampler and the 1x1 shortcut are GEMM-like already)
@@ -47,22 +52,8 @@ def _set_blocks(args: dict) -> None:
     args["w_desc"].block_shape = [args["BN"], args["BK"]]
 
 
-def _configs() -> list:
-    """(BM, BN, BK, warps, stages): e4m3 tiles, up to 4 stages of 48 kB in shared memory (ptxas: no spills)."""
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
-                          pre_hook=_set_blocks)
-            for bm, bn, bk, warps, stages in [(128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3),
-                                              (128, 256, 128, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
-                                              (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]]
-
-
-def _fits(configs, named_args, **kwargs):
-    """Only K blocks that divide the input channels: a K step must not run past one tap's channels."""
-    return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0]
-
-
-@triton.autotune(configs=_configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
-                 prune_configs_by={"early_config_prune": _fits})
+@triton.autotune(configs=fp8_conv.configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
+                 prune_configs_by={"early_config_prune": fp8_conv.fits})  # the tiles sccsdxl.fp8_conv tunes over
 @triton.jit
 def _shifted_conv_kernel(x_desc, w_desc, y_ptr, scale_ptr, bias_ptr, FRAMED, GUARD, H, W, C_IN, C_OUT,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -80,6 +71,13 @@ def _shifted_conv_kernel(x_desc, w_desc, y_ptr, scale_ptr, bias_ptr, FRAMED, GUA
         a = x_desc.load([GUARD + pid_m * BM + shift, channel])
         b = w_desc.load([pid_n * BN, tap * C_IN + channel])
         acc = tl.dot(a, b.T, acc)
+    _store_image_rows(acc, pid_m, pid_n, y_ptr, scale_ptr, bias_ptr, FRAMED, H, W, C_OUT, HAS_BIAS, BM, BN)
+
+
+@triton.jit
+def _store_image_rows(acc, pid_m, pid_n, y_ptr, scale_ptr, bias_ptr, FRAMED, H, W, C_OUT, HAS_BIAS: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """A tile of framed-grid rows by output channels, scaled (+ bias), stored where the row is an image pixel."""
     q = pid_m * BM + tl.arange(0, BM)
     per_image = (H + 2) * (W + 2)
     row, column = (q % per_image) // (W + 2), q % (W + 2)
@@ -112,22 +110,33 @@ def weight_taps(w_q: torch.Tensor) -> torch.Tensor:
 
 def shifted_conv(framed: torch.Tensor, w_k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
-    """The kernel on ``framed`` (from framed_fp8) and ``w_k`` (from weight_taps); ``scale``: the input's scale
+    """The TMA kernel on ``framed`` (from framed_fp8) and ``w_k`` (from weight_taps); ``scale``: the input's scale
     times each output channel's, (C_out,) fp32. Returns (N, H, W, C_out) bf16. ``config``: fixed tiles instead of
     autotuning."""
     c_in, c_out = framed.shape[1], w_k.shape[0]
     rows = n * (h + 2) * (w + 2)
     y = torch.empty(n, h, w, c_out, device=framed.device, dtype=torch.bfloat16)
-
     grid = lambda meta: (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)  # noqa: E731
     # the descriptors' blocks are set per tile: by the autotuning's pre-hook, or here for a fixed tile
-    x_desc, w_desc = TensorDescriptor.from_tensor(framed, [64, 64]), TensorDescriptor.from_tensor(w_k, [64, 64])
+    x_desc, w_desc = (TensorDescriptor.from_tensor(t, [64, 64]) for t in (framed, w_k))
     kernel = _shifted_conv_kernel
     if config is not None:
         _set_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
-        kernel = _shifted_conv_kernel.fn
+        kernel = kernel.fn
     kernel[grid](x_desc, w_desc, y, scale, scale if bias is None else bias, rows, w + 3, h, w, c_in, c_out,
                  HAS_BIAS=bias is not None, **(config or {}))
+    return y
+
+
+def kit_conv(framed: torch.Tensor, w_k: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
+    """sccsdxl.fp8_conv's kernel (option fp8_convs: plain loads, the input scale from its largest value) on the
+    same operands. Returns (N, H, W, C_out) bf16."""
+    y = torch.empty(n, h, w, w_k.shape[0], device=framed.device, dtype=torch.bfloat16)
+    amax = x_scale * FP8_MAX
+    kernel = fp8_conv._shifted_conv_kernel
+    fp8_conv._launch(kernel if config is None else kernel.fn, framed, amax, w_k, w_scale, bias, y, h, w,
+                     **({k: v for k, v in config.items()} if config else {}))
     return y
 
 
@@ -147,12 +156,15 @@ def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
     w_q, w_scale = gathered.quantize_out_channels(weight.permute(0, 2, 3, 1).contiguous())
     scale = x_scale * w_scale
     framed, w_k = framed_fp8(x_nhwc, x_scale), weight_taps(w_q)
-    out = shifted_conv(framed, w_k, scale, bias, rows, size, size, None if timed else FIXED).permute(0, 3, 1, 2)
+    fixed = None if timed else FIXED
+    out = shifted_conv(framed, w_k, scale, bias, rows, size, size, fixed).permute(0, 3, 1, 2)
+    kit = kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, fixed).permute(0, 3, 1, 2)
     reference = F.conv2d(x, weight, bias, padding=1)
     x_q = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     dequantized = F.conv2d(x_q.float() * x_scale, w_q.float().permute(0, 3, 1, 2) * w_scale[:, None, None, None],
                            bias.float(), padding=1)
-    row = f"| {name} | {relative_error(out, dequantized):.4f} | {relative_error(out, reference):.4f} |"
+    row = (f"| {name} | {relative_error(out, dequantized):.4f} | {relative_error(out, reference):.4f} | "
+           f"{relative_error(kit, out):.4f} |")
     if not timed:
         return row
     flop = 2 * rows * size * size * c_out * c_in * 9
@@ -162,19 +174,40 @@ def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
     times = {"cudnn": gpu_ms(lambda: F.conv2d(x, weight, bias, padding=1)),
              "gathered": gpu_ms(lambda: gathered.conv_nhwc(x_q_nhwc, w_q, scale, bias, 1, 1)),
              "shifted": gpu_ms(lambda: shifted_conv(framed, w_k, scale, bias, rows, size, size)),
+             "kit": gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size)),
              "frame": gpu_ms(lambda: frame(x_nhwc, x_scale))}
     rate = {key: f"{ms:.3f} ({flop / ms / 1e9:.0f})" for key, ms in times.items() if key != "frame"}
     best = _shifted_conv_kernel.best_config
-    return (row + f" {rate['cudnn']} | {rate['gathered']} | {rate['shifted']} | {times['frame']:.3f} | "
+    times.update(block_times(x, x_scale, w_k, w_scale, bias))
+    today = times["norm bf16"] + times["cudnn"]
+    fp8 = times["norm framed"] + times["kit"]
+    kit_best = fp8_conv._shifted_conv_kernel.best_config
+    return (row + f" {rate['cudnn']} | {rate['gathered']} | {rate['shifted']} | {rate['kit']} "
+            f"({kit_best.kwargs} w{kit_best.num_warps} s{kit_best.num_stages}) | {times['frame']:.3f} | "
             f"{times['cudnn'] / times['shifted']:.2f}x | {times['cudnn'] / (times['shifted'] + times['frame']):.2f}x"
-            f" | {best.kwargs} w{best.num_warps} s{best.num_stages} |")
+            f" | {best.kwargs} w{best.num_warps} s{best.num_stages} | {times['norm bf16']:.3f} + "
+            f"{times['cudnn']:.3f} = {today:.3f} | {times['norm framed']:.3f} + {times['kit']:.3f} = {fp8:.3f} | "
+            f"{today / fp8:.2f}x |")
+
+
+def block_times(x: torch.Tensor, x_scale: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor) -> dict[str, float]:
+    """ms of a ResNet block's GroupNorm + SiLU as fused_group_norms runs it (bf16) and as fp8_convs does (e4m3 into a
+    zeroed framed buffer, a pass for the largest value first); ``x`` stands in for the norm's input."""
+    norm = torch.nn.GroupNorm(32, x.shape[1]).to(x.device, torch.bfloat16)
+    with torch.no_grad():
+        return {"norm bf16": gpu_ms(lambda: G.group_norm(x, norm, silu=True)),
+                "norm framed": gpu_ms(lambda: G.group_norm_framed_fp8(x, norm))}
 
 
 def main() -> None:
-    run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16",
+    run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16 | "
+                   "sccsdxl.fp8_conv's kernel vs this one",
                    "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | shifted fp8 ms (TFLOP/s) "
+                   "| sccsdxl.fp8_conv's kernel (plain loads) ms (TFLOP/s) (its tile) "
                    "| framing + quantizing the input ms (torch, compiled) | cuDNN / shifted | cuDNN / (shifted + "
-                   "framing) | shifted's tile |")
+                   "framing) | shifted's tile | fused_group_norms: norm (bf16) + cuDNN ms | fp8_convs: framed e4m3 "
+                   "norm + sccsdxl.fp8_conv ms | fused_group_norms / fp8_convs |")
 
 
 if __name__ == "__main__":

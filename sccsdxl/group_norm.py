@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8_MAX, triton
+from .fused import FP8, FP8_MAX, MIN_SCALE, triton
 
 if triton is not None:
     import triton.language as tl
@@ -112,19 +112,12 @@ if triton is not None:
         tl.store(group_mean_ptr + image * n_groups + group, mean)
         tl.store(group_rstd_ptr + image * n_groups + group, 1.0 / tl.sqrt(m2 / total + eps))
 
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS),
-                     key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU", "FP8_OUT"])
     @triton.jit
-    def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
-                          out_scale_ptr, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr,
-                          SILU: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """(x + shift - mean) / std * weight + bias, SiLU, for a tile of one image's pixels and channels. The
-        normalized value is rounded to x's dtype before SiLU, as the unfused ops round it. With FP8_OUT the result
-        is written in e4m3, divided by the one scale at ``out_scale_ptr`` (benchmarks/resnet_fp8_h200.py: an fp8
-        convolution's input made where it is normalized)."""
-        image = tl.program_id(0).to(tl.int64)
-        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    def _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, image, pixels,
+                         channels, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
+        """(x + shift - mean) / std * weight + bias, SiLU, in fp32 for a tile of one image's pixels and channels,
+        with the tile's mask and addresses. The normalized value is rounded to x's dtype before SiLU, as the
+        unfused ops round it."""
         channel_mask = channels < n_channels
         mask = (pixels < n_pixels)[:, None] & channel_mask[None, :]
         at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
@@ -141,9 +134,58 @@ if triton is not None:
         if SILU:
             out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
             out = out * tl.sigmoid(out)
+        return out, mask, at
+
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS),
+                     key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU", "FP8_OUT"])
+    @triton.jit
+    def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
+                          out_scale_ptr, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr,
+                          SILU: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The normalized tile (_normalized_tile) of one image's pixels and channels, written as x's layout. With
+        FP8_OUT the result is written in e4m3, divided by the one scale at ``out_scale_ptr``
+        (benchmarks/resnet_fp8_h200.py: an fp8 convolution's input made where it is normalized)."""
+        image = tl.program_id(0).to(tl.int64)
+        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        out, mask, at = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
+                                         image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, SILU)
         if FP8_OUT:
             out = tl.clamp(out / tl.load(out_scale_ptr), -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @triton.jit
+    def _normalized_amax_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
+                                n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+        """The largest |GroupNorm + SiLU| of a tile, folded into the batch's (atomic max over values >= 0): the
+        scale the framed e4m3 output is written with, exact, from one more read of x."""
+        image = tl.program_id(0).to(tl.int64)
+        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        out, mask, _ = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
+                                        image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, True)
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=1), axis=0))
+
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @triton.jit
+    def _normalize_framed_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
+                                 out_ptr, n_pixels, n_channels, n_groups, width, guard, HAS_SHIFT: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """GroupNorm + SiLU of a tile in e4m3, divided by the batch's scale (amax / 448), each pixel written to its
+        row of the zero-framed grid (frame_rows): where sccsdxl.fp8_conv's convolution reads it."""
+        image = tl.program_id(0).to(tl.int64)
+        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        out, mask, _ = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
+                                        image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, True)
+        scale = tl.maximum(tl.load(amax_ptr) / E4M3_MAX, MIN_SCALE)
+        height = n_pixels // width
+        rows = guard + image * (height + 2) * (width + 2) + (pixels // width + 1) * (width + 2) + pixels % width + 1
+        out = tl.clamp(out / scale, -E4M3_MAX, E4M3_MAX)
+        tl.store(out_ptr + rows[:, None] * n_channels + channels[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
     def _slices(n_images: int, n_pixels: int, n_channels: int, per_sm: int = SLICES_PER_SM) -> tuple[int, int]:
         """(pixels per slice, slices per image): ``per_sm`` statistics programs per multiprocessor, to fill the GPU,
@@ -154,12 +196,9 @@ if triton is not None:
         per_slice = triton.cdiv(n_pixels, max(1, min(wanted, n_pixels)))
         return per_slice, triton.cdiv(n_pixels, per_slice)
 
-    def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
-                stat_config: dict | None = None, normalize_config: dict | None = None,
-                out_scale: torch.Tensor | None = None) -> None:
-        """Run the three kernels on channels_last ``x`` (N, C, H, W) and ``shift`` (N, C) or None, writing ``out``
-        (e4m3 divided by ``out_scale`` when one is given). A config given runs that configuration directly."""
-        slice_kernel, group_kernel, normalize_kernel = kernels
+    def _statistics(slice_kernel, group_kernel, x, shift, n_groups: int, eps: float,
+                    stat_config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (image, group)'s mean (of x + shift) and 1 / std, from channels_last ``x`` (N, C, H, W)."""
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
         per_slice, n_slices = _slices(n_images, n_pixels, n_channels)
@@ -168,17 +207,45 @@ if triton is not None:
         group_mean = torch.empty((n_images, n_groups), device=x.device, dtype=torch.float32)
         group_rstd = torch.empty_like(group_mean)
         has_shift = shift is not None
-        shift = shift if has_shift else x  # a placeholder the kernels never read
         stat = stat_config or {}
         slice_kernel[_grid(n_images, n_slices, n_channels, stat, pixels=False)](
-            x, shift, means, m2s, n_pixels, n_channels, per_slice, n_slices, HAS_SHIFT=has_shift, **stat)
+            x, shift if has_shift else x, means, m2s, n_pixels, n_channels, per_slice, n_slices, HAS_SHIFT=has_shift,
+            **stat)
         group_kernel[(n_images, n_groups)](
             means, m2s, group_mean, group_rstd, n_pixels, n_channels, per_slice, n_slices, n_groups, eps,
             BLOCK_S=triton.next_power_of_2(n_slices), BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
+        return group_mean, group_rstd
+
+    def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
+                stat_config: dict | None = None, normalize_config: dict | None = None,
+                out_scale: torch.Tensor | None = None) -> None:
+        """Run the three kernels on channels_last ``x`` (N, C, H, W) and ``shift`` (N, C) or None, writing ``out``
+        (e4m3 divided by ``out_scale`` when one is given). A config given runs that configuration directly."""
+        slice_kernel, group_kernel, normalize_kernel = kernels
+        n_images, n_channels, height, width = x.shape
+        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat_config)
+        has_shift = shift is not None
         norm = normalize_config or {}
-        normalize_kernel[_grid(n_images, n_pixels, n_channels, norm, pixels=True)](
-            x, shift, group_mean, group_rstd, weight, bias, out, group_mean if out_scale is None else out_scale,
-            n_pixels, n_channels, n_groups, HAS_SHIFT=has_shift, SILU=silu, FP8_OUT=out_scale is not None, **norm)
+        normalize_kernel[_grid(n_images, height * width, n_channels, norm, pixels=True)](
+            x, shift if has_shift else x, group_mean, group_rstd, weight, bias, out,
+            group_mean if out_scale is None else out_scale, height * width, n_channels, n_groups,
+            HAS_SHIFT=has_shift, SILU=silu, FP8_OUT=out_scale is not None, **norm)
+
+    def _launch_framed(kernels, x, shift, weight, bias, n_groups: int, eps: float, framed: torch.Tensor,
+                       amax: torch.Tensor, configs: tuple[dict, dict, dict] | None = None) -> None:
+        """GroupNorm + SiLU of channels_last ``x`` into the zeroed ``framed`` rows (e4m3) and its largest |value|
+        into the zeroed (1,) ``amax``: statistics, the largest value, then the framed write."""
+        slice_kernel, group_kernel, amax_kernel, framed_kernel = kernels
+        stat, largest, write = configs or ({}, {}, {})
+        n_images, n_channels, height, width = x.shape
+        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat)
+        has_shift = shift is not None
+        common = (x, shift if has_shift else x, group_mean, group_rstd, weight, bias)
+        amax_kernel[_grid(n_images, height * width, n_channels, largest, pixels=True)](
+            *common, amax, height * width, n_channels, n_groups, HAS_SHIFT=has_shift, **largest)
+        framed_kernel[_grid(n_images, height * width, n_channels, write, pixels=True)](
+            *common, amax, framed, height * width, n_channels, n_groups, width, width + 3, HAS_SHIFT=has_shift,
+            MIN_SCALE=MIN_SCALE, **write)
 
     def _grid(n_images: int, rows: int, n_channels: int, config: dict, pixels: bool):
         """(image, slice or pixel block, channel block): from ``config`` when run directly, else the tuned one's."""
@@ -215,6 +282,72 @@ if triton is not None:
         _launch(tuple(wrap_triton(k) for k in _KERNELS), x, shift if has_shift else None, weight, bias, n_groups,
                 eps, silu, out)
         return out
+
+    _FRAMED_KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalized_amax_kernel,
+                       _normalize_framed_kernel)
+
+    def run_framed_config(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None,
+                          framed: torch.Tensor, amax: torch.Tensor, stat_block: tuple[int, ...],
+                          normalize_block: tuple[int, ...]) -> None:
+        """group_norm_framed_fp8's kernels with one configuration each, run directly, into zeroed ``framed`` and
+        ``amax``: for tests (Triton's interpreter) and benchmarks."""
+        blocks = (_direct_config(stat_block), _direct_config(normalize_block), _direct_config(normalize_block))
+        _launch_framed((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalized_amax_kernel.fn,
+                        _normalize_framed_kernel.fn), x, shift, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                       framed, amax, blocks)
+
+    @triton_op("sccsdxl::group_norm_framed_fp8", mutates_args=())
+    def _group_norm_framed_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,
+                               bias: torch.Tensor, n_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        n_images, n_channels, height, width = x.shape
+        framed = torch.zeros((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
+        amax = torch.zeros((1,), device=x.device, dtype=torch.float32)
+        _launch_framed(tuple(wrap_triton(k) for k in _FRAMED_KERNELS), x, shift if has_shift else None, weight,
+                       bias, n_groups, eps, framed, amax)
+        return framed, amax
+
+
+def frame_rows(n_images: int, height: int, width: int) -> int:
+    """Rows of the zero-framed grid: each image's pixels with a one-pixel border of zeros, (width + 3) zero guard
+    rows before and after, so that a 3x3 window's row shifts (up to width + 3) never leave the buffer."""
+    return 2 * (width + 3) + n_images * (height + 2) * (width + 2)
+
+
+def framed_interior(framed: torch.Tensor, n_images: int, height: int, width: int) -> torch.Tensor:
+    """The image pixels of framed rows, as an (N, H, W, C) view."""
+    guard = width + 3
+    grid = framed[guard:guard + n_images * (height + 2) * (width + 2)]
+    return grid.view(n_images, height + 2, width + 2, -1)[:, 1:height + 1, 1:width + 1]
+
+
+def e4m3_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The e4m3 scale from the largest |value|: what the framed writes divide by."""
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def group_norm_framed_fp8_reference(x: torch.Tensor, norm: torch.nn.GroupNorm,
+                                    shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_norm_framed_fp8 in torch: GroupNorm + SiLU, scaled by its largest |value|."""
+    out = group_norm_reference(x, norm, shift, silu=True).float()
+    n_images, n_channels, height, width = x.shape
+    amax = out.abs().amax().reshape(1)
+    framed = torch.zeros((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
+    scaled = (out / e4m3_scale(amax)).clamp(-FP8_MAX, FP8_MAX)
+    framed_interior(framed, n_images, height, width).copy_(scaled.permute(0, 2, 3, 1).to(FP8))
+    return framed, amax
+
+
+def group_norm_framed_fp8(x: torch.Tensor, norm: torch.nn.GroupNorm,
+                          shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(``norm``(x + shift)) of (N, C, H, W) ``x`` in e4m3 for sccsdxl.fp8_conv: (frame_rows, C) rows of the
+    zero-framed NHWC grid divided by one scale, and its largest |value| (1,) fp32, from which the scale is made
+    (e4m3_scale). One scale for the batch: GroupNorm's output is on the same scale in every image."""
+    if x.is_cuda and triton is not None:
+        x = x.contiguous(memory_format=torch.channels_last)
+        has_shift = shift is not None
+        shift = shift.to(x.dtype).contiguous() if has_shift else x
+        return _group_norm_framed_gpu(x, shift, has_shift, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return group_norm_framed_fp8_reference(x, norm, shift)
 
 
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None = None,

@@ -54,6 +54,9 @@ OPTIONS: dict[str, str] = {
     "fused_group_norms": "with channels_last: the UNet's GroupNorms (with the SiLU after them, and in each ResNet "
                          "block the convolution bias and time embedding added before the second) run as Triton "
                          "kernels over channels_last memory (sccsdxl.group_norm)",
+    "fp8_convs": "with fused_group_norms and fp8: the two 3x3 convolutions of each UNet ResNet block in fp8, their "
+                 "input written by the GroupNorm + SiLU kernels in e4m3 with a zero frame, each convolution one GEMM "
+                 "over the framed rows (NVIDIA Ada/Hopper; sccsdxl.fp8_conv; not yet measured on a GPU)",
     "vae_group_norms": "the VAE decoder in channels_last memory, the GroupNorms (with SiLU) of its ResNet blocks and "
                        "output as sccsdxl.group_norm's Triton kernels: no layout conversion around its convolutions",
     "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
@@ -105,6 +108,7 @@ class Optimizations:
     fp8_attn_out: bool = False
     fused_norms: bool = False
     fused_group_norms: bool = False
+    fp8_convs: bool = False
     vae_group_norms: bool = False
     vae_attention_gemms: bool = False
     folded_upsamplers: bool = False
@@ -173,6 +177,7 @@ def supported_options(device: str) -> list[str]:
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
+            names += ["fp8_convs"] if triton_kernels else []
     return names
 
 
@@ -232,6 +237,12 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("fused_group_norms"))
+    if opts.fp8_convs and not (opts.fused_group_norms and opts.fp8):
+        problems.append("fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms "
+                        "(with channels_last) and fp8")
+    elif opts.fp8_convs and not (_fused_kernel_available() and fp8_capable(device)):
+        problems.append(f"fp8_convs is a Triton kernel with e4m3 tiles: it needs an NVIDIA GPU with fp8 (compute "
+                        f"capability 8.9 or later); this run is on {device_name(device)}")
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")
@@ -325,7 +336,8 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool =
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
     names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
     samplers = {"Downsample2D", "Upsample2D", "FoldedUpsample"}
-    names |= {"ResnetBlock2D", "GroupNormResnetBlock", "ConcatResnet"} | samplers if resnets else set()
+    names |= {"ResnetBlock2D", "GroupNormResnetBlock", "Fp8ConvResnetBlock", "ConcatResnet"} | samplers \
+        if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
     # the tuning times each kernel's variants at the run's shapes, so its cost grows with them: it is kept to the
     # UNet, where it was measured (the VAE decoder's kernels at batch 50 move gigabytes each)
@@ -475,6 +487,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .group_norm import fuse_group_norms
 
         info["fused_group_norms"] = fuse_group_norms(pipe.unet)
+    if opts.fp8_convs:  # after fused_group_norms, whose blocks it takes; before concat_in_resnets, which wraps them
+        from .fp8_conv import fp8_resnet_convs
+
+        info["fp8_convs"] = fp8_resnet_convs(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.text_kv_once:  # after fused_norms and quantize_, whose text projections it takes over as they are

@@ -60,6 +60,8 @@ def test_configuration_needs_a_dtype():
     ("fp8,fused_ffn_gemm,fused_geglu", "bf16", "fused_ffn_gemm takes the place of fused_geglu"),
     ("fp8,fused_ffn_gemm", "bf16", "blockwise fp8 GEMM .* Hopper GPUs only"),
     ("nhwc_transformer_outputs", "bf16", "nhwc_transformer_outputs keeps .* add channels_last"),
+    ("fp8_convs", "bf16", "fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms"),
+    ("channels_last,fused_group_norms,fp8,fp8_convs", "bf16", "fp8_convs is a Triton kernel .*compute capability 8.9"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -442,6 +444,22 @@ def test_the_fused_swaps_build_on_each_other_in_apply_optimizations():
     assert len(fused_blocks) == blocks and all(isinstance(b.down, fused.Fp8RowWeight) for b in fused_blocks)
     after = call()
     assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.05
+
+
+def test_fp8_convs_takes_the_fused_resnet_blocks_and_compile_takes_it():
+    """fp8_convs swaps the ResNet blocks fused_group_norms made (fp8, a GPU option, is left out: the swap and the
+    CPU reference path are what is tested); compile_resnets then compiles them by class name."""
+    from sccsdxl import fp8_conv
+
+    pipe, _, call, before, info = tiny_unet_swaps("channels_last,fused_group_norms,fp8_convs")
+    swapped = [m for m in pipe.unet.modules() if isinstance(m, fp8_conv.Fp8ConvResnetBlock)]
+    assert info["fp8_convs"] == len(swapped) == info["fused_group_norms"]["resnets"] > 0
+    after = call()
+    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.08
+    with quant.own_inductor_settings():
+        regions = quant.compile_regions(pipe.unet, resnets=True, cuda_graphs=False)
+    assert sum(isinstance(m, fp8_conv.Fp8ConvResnetBlock) and hasattr(m, "_compiled_call_impl")
+               for m in pipe.unet.modules()) == len(swapped) and regions >= len(swapped)
 
 
 def test_regional_compilation_takes_the_fused_blocks_which_trace_as_one_graph():

@@ -1,0 +1,183 @@
+"""Option fp8_convs: the 3x3 convolutions of the UNet's ResNet blocks in fp8, as GEMMs over a zero-framed input.
+
+The UNet's convolutions take about 4.9 s of a 21.8 s batch of 50 on an H200, in bf16 through cuDNN (BENCHMARKS.md,
+session 17), while its fp8 GEMMs run near 1,300 TFLOP/s; PyTorch has no fp8 convolution for Hopper, cuDNN's ran at
+310 TFLOP/s at most shapes (session 9) and a Triton kernel gathering each 3x3 window through pointers at 770-900
+(session 5). Here each ResNet block's GroupNorm + SiLU kernels (sccsdxl.group_norm) write the convolution's input
+in e4m3 with one scale, NHWC, every image framed by a one-pixel border of zeros and flattened to
+rows of pixels. Then the pixel under tap (dy, dx) of output pixel q is input row q + dy (W + 2) + dx for every q of
+the framed grid: each tap's operand is the same matrix shifted by a constant number of rows, every tile of it BM
+consecutive rows, and the convolution is one GEMM over K = 9 C_in (weights e4m3, one scale per output channel)
+that also computes the frame's outputs (13 % more at 32 x 32, 6 % at 64 x 64, 3 % at 128 x 128) and stores only the
+image's. Built in session 17 after its device time: not yet measured on a GPU (benchmarks/conv_shifted_fp8_h200.py
+times the kernel alone; BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fused import FP8_MAX, MIN_SCALE, quantize_rows, triton
+from .group_norm import GroupNormResnetBlock, e4m3_scale, framed_interior, group_norm_framed_fp8
+
+# (BM, BN, BK, warps, stages): e4m3 tiles, up to 4 stages of 48 kB in shared memory; BK = 32 for input channels
+# that only 32 divides
+TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 256, 64, 8, 4),
+         (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4))
+K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
+
+if triton is not None:
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    from .ffn_gemm import grouped_tile
+
+    def configs(**extra) -> list:
+        """The tuning's choices, one per tile (``extra``: more Config arguments, such as a pre-hook)."""
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
+                              **extra) for bm, bn, bk, warps, stages in TILES]
+
+    def fits(configs, named_args, **kwargs):
+        """Only channel steps that divide the input channels: a step must not run past one tap's channels."""
+        return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0]
+
+    @triton.autotune(configs=configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
+                     prune_configs_by={"early_config_prune": fits})
+    @triton.jit
+    def _shifted_conv_kernel(x_ptr, amax_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, FRAMED, H, W, C_IN, C_OUT,
+                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
+        (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
+        image pixel (int64 addresses: the framed rows times channels pass 2**31 at batch 50). x_scale = amax / 448,
+        one scalar for the batch (a scale per image, a vector across the accumulator's rows, took 56 more registers
+        a thread: ptxas for sm_90)."""
+        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
+        chunks = C_IN // BK
+        rk = tl.arange(0, BK)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < C_OUT
+        w_rows = w_ptr + rn.to(tl.int64)[None, :] * (9 * C_IN) + rk[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, 9 * chunks):
+            tap = k // chunks
+            channel = (k - tap * chunks) * BK
+            shift = (W + 3) + pid_m * BM + (tap // 3 - 1) * (W + 2) + tap % 3 - 1
+            rows = (shift + tl.arange(0, BM)).to(tl.int64)
+            a = tl.load(x_ptr + rows[:, None] * C_IN + channel + rk[None, :],
+                        mask=(rows < FRAMED + 2 * (W + 3))[:, None], other=0.0)
+            b = tl.load(w_rows + tap * C_IN + channel, mask=n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        q = pid_m * BM + tl.arange(0, BM)
+        per_image = (H + 2) * (W + 2)
+        image = q // per_image
+        row, column = (q % per_image) // (W + 2), q % (W + 2)
+        inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
+        x_scale = tl.maximum(tl.load(amax_ptr) / FP8_MAX, MIN_SCALE)
+        out = acc * (x_scale * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0))[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        pixel = ((image * H + row - 1) * W + column - 1).to(tl.int64)
+        tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=inside[:, None] & n_ok[None, :])
+
+    def _launch(kernel, framed, amax, weight, w_scale, bias, y, height: int, width: int, **config) -> None:
+        """Run ``kernel`` on ``framed`` rows into ``y``, whose memory holds (N, H, W, C_out) rows (NHWC-contiguous,
+        or NCHW channels_last); ``config``: one tile, run directly."""
+        n_images, c_out = y.shape[0], weight.shape[0]
+        rows = n_images * (height + 2) * (width + 2)
+
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
+        kernel[grid](framed, amax, weight, w_scale, w_scale if bias is None else bias, y, rows, height, width,
+                     framed.shape[1], c_out, HAS_BIAS=bias is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+                     **config)
+
+    def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3, y: torch.Tensor,
+                        block: tuple[int, int, int]) -> None:
+        """The kernel with one (BM, BN, BK) tile, run directly into NHWC ``y``: for tests (Triton's interpreter)."""
+        bm, bn, bk = block
+        _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, y.shape[1],
+                y.shape[2], BM=bm, BN=bn, BK=bk, GROUP_M=2)
+
+    @triton_op("sccsdxl::shifted_conv_fp8", mutates_args=())
+    def _shifted_conv_gpu(framed: torch.Tensor, amax: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                          bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int) -> torch.Tensor:
+        y = torch.empty((n_images, weight.shape[0], height, width), device=framed.device, dtype=torch.bfloat16,
+                        memory_format=torch.channels_last)
+        # channels_last: y's memory is the (N, H, W, C_out) rows the kernel writes
+        _launch(wrap_triton(_shifted_conv_kernel), framed, amax, weight, w_scale, bias if has_bias else None, y,
+                height, width)
+        return y
+
+
+def can_run(conv: torch.nn.Module) -> bool:
+    """A plain 3x3 convolution, stride 1, padding 1, whose input channels one of the kernel's steps divides."""
+    return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and any(conv.in_channels % k == 0 for k in K_BLOCKS))
+
+
+class Fp8Conv3x3(torch.nn.Module):
+    """A 3x3 convolution's weights in e4m3, one scale per output channel (torchao's per-row quantization of the
+    weight as (C_out, 9 C_in), taps before channels, as the kernel walks K), applied to framed e4m3 rows."""
+
+    def __init__(self, conv: torch.nn.Conv2d, with_bias: bool = True):
+        super().__init__()
+        taps = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+        weight, scale = quantize_rows(taps)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).contiguous())
+        self.bias = conv.bias if with_bias else None
+        self.out_dtype = conv.weight.dtype  # the kernel writes bf16, the only dtype fp8 runs with on a GPU
+
+    def forward(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
+                width: int) -> torch.Tensor:
+        if framed.is_cuda and triton is not None:
+            bias = self.scale if self.bias is None else self.bias
+            return _shifted_conv_gpu(framed, amax, self.weight, self.scale, bias, self.bias is not None, n_images,
+                                     height, width)
+        return self.reference(framed, amax, n_images, height, width)
+
+    def reference(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
+                  width: int) -> torch.Tensor:
+        """The same sums in fp32 from the dequantized operands, in the convolution's dtype."""
+        x = framed_interior(framed, n_images, height, width).float() * e4m3_scale(amax)
+        c_out = self.weight.shape[0]
+        weight = (self.weight.float() * self.scale[:, None]).reshape(c_out, 3, 3, -1).permute(0, 3, 1, 2)
+        bias = None if self.bias is None else self.bias.float()
+        out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1)
+        return out.to(self.out_dtype).contiguous(memory_format=torch.channels_last)
+
+
+class Fp8ConvResnetBlock(GroupNormResnetBlock):
+    """A GroupNormResnetBlock whose two 3x3 convolutions run in fp8: each GroupNorm + SiLU writes the framed e4m3
+    input (group_norm_framed_fp8) that the next convolution reads. The arithmetic is the block's, with e4m3
+    operands (about 4 % relative error per convolution against bf16, as the fp8 linears' 6 %)."""
+
+    def __init__(self, block: GroupNormResnetBlock):
+        super().__init__(block)  # the same norms, convolutions (for their biases), time projection and shortcut
+        # the first convolution's bias joins the second norm's shift (GroupNormResnetBlock._shift)
+        self.fp8_conv1, self.fp8_conv2 = Fp8Conv3x3(block.conv1, with_bias=False), Fp8Conv3x3(block.conv2)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        n_images, _, height, width = input_tensor.shape
+        framed, amax = group_norm_framed_fp8(input_tensor, self.norm1)
+        hidden = self.fp8_conv1(framed, amax, n_images, height, width)
+        framed, amax = group_norm_framed_fp8(hidden, self.norm2, self._shift(temb, hidden))
+        hidden = self.fp8_conv2(framed, amax, n_images, height, width)
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return (shortcut + hidden) / self.output_scale_factor
+
+
+def fp8_resnet_convs(unet: torch.nn.Module) -> int:
+    """Swap every GroupNormResnetBlock of the UNet (fused_group_norms) whose two convolutions can_run for an
+    Fp8ConvResnetBlock; returns how many."""
+    swapped = 0
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is GroupNormResnetBlock and can_run(child.conv1) and can_run(child.conv2):
+                setattr(parent, name, Fp8ConvResnetBlock(child))
+                swapped += 1
+    return swapped
+

@@ -1,0 +1,160 @@
+"""sccsdxl.fp8_conv (option fp8_convs) and the framed e4m3 output of sccsdxl.group_norm it reads."""
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_interpreted_ok
+
+from sccsdxl import fp8_conv
+from sccsdxl import group_norm as G
+from sccsdxl.fused import triton
+
+diffusers_resnet = pytest.importorskip("diffusers.models.resnet")
+
+
+def resnet_block(c_in: int, c_out: int, temb: int | None = 32, groups: int = 32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = diffusers_resnet.ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=temb, groups=groups)
+    with torch.no_grad():  # affine norms away from 1 / 0, as trained ones are
+        for norm in (block.norm1, block.norm2):
+            norm.weight.copy_(torch.rand(norm.num_channels) + 0.5)
+            norm.bias.copy_(torch.randn(norm.num_channels) * 0.1)
+    return block.eval()
+
+
+def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
+    test, reference = test.detach().float(), reference.detach().float()
+    return float((test - reference).norm() / reference.norm())
+
+
+def test_the_framed_grid_puts_each_pixel_behind_a_zero_frame_and_guard_rows():
+    assert G.frame_rows(2, 3, 4) == 2 * 7 + 2 * 5 * 6  # guard rows (width + 3) twice, two 5 x 6 framed images
+    framed = torch.zeros(G.frame_rows(2, 3, 4), 1)
+    G.framed_interior(framed, 2, 3, 4).copy_(torch.arange(1, 25.0).reshape(2, 3, 4, 1))
+    grid = framed[7:-7].reshape(2, 5, 6)
+    assert grid[:, 1:4, 1:5].flatten().tolist() == list(range(1, 25))  # each image's pixels in order
+    assert grid[:, 0].abs().sum() == grid[:, 4].abs().sum() == grid[:, :, 0].abs().sum() == 0  # the frame
+    assert framed[:7].abs().sum() == framed[-7:].abs().sum() == 0  # the guard rows
+
+
+def test_framed_e4m3_reference_scales_the_batch_by_its_largest_value():
+    norm = resnet_block(64, 64).norm1
+    x = torch.randn(3, 64, 5, 5) * torch.tensor([1.0, 10.0, 0.1])[:, None, None, None]  # normalized: alike
+    framed, amax = G.group_norm_framed_fp8(x, norm)
+    exact = G.group_norm_reference(x, norm, silu=True)
+    assert amax.shape == (1,) and torch.allclose(amax, exact.abs().amax())
+    inside = G.framed_interior(framed, 3, 5, 5).float()
+    assert inside.abs().amax() == G.FP8_MAX  # the largest value is e4m3's largest
+    restored = inside * G.e4m3_scale(amax)
+    assert relative_error(restored, exact.permute(0, 2, 3, 1)) < 0.04  # e4m3: 3 bits of mantissa
+
+
+@pytest.mark.parametrize("c_in,c_out", [(64, 64), (96, 64)])  # with a 1x1 shortcut when the widths differ
+def test_block_computes_the_resnet_block_within_the_fp8_error(c_in, c_out):
+    """On the CPU (the reference path): the block's output against diffusers' ResnetBlock2D in fp32."""
+    block = resnet_block(c_in, c_out)
+    x, temb = torch.randn(2, c_in, 6, 6), torch.randn(2, 32)
+    fp8_block = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
+    with torch.no_grad():
+        expected = block(x, temb)
+        got = fp8_block(x, temb)
+        plain = G.GroupNormResnetBlock(block)(x, temb)
+    assert torch.allclose(plain, expected, atol=1e-5)  # the block it wraps computes diffusers' block
+    # the residual carries the input unquantized; the two convolutions' share carries e4m3's error
+    assert relative_error(got - x if c_in == c_out else got, expected - x if c_in == c_out else expected) < 0.06
+
+
+def test_weights_are_e4m3_per_output_channel_in_tap_order():
+    conv = torch.nn.Conv2d(64, 40, 3, padding=1)
+    fp8 = fp8_conv.Fp8Conv3x3(conv)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (40, 9 * 64)
+    restored = (fp8.weight.float() * fp8.scale[:, None]).reshape(40, 3, 3, 64).permute(0, 3, 1, 2)
+    assert relative_error(restored, conv.weight) < 0.04
+    assert fp8.weight.float().abs().amax(dim=1).eq(G.FP8_MAX).all()  # each output channel uses the whole range
+    assert fp8_conv.Fp8Conv3x3(conv, with_bias=False).bias is None
+
+
+def test_only_blocks_whose_convolutions_it_can_run_are_swapped():
+    unet = torch.nn.Module()
+    unet.ok = G.GroupNormResnetBlock(resnet_block(64, 64))
+    unet.narrow = G.GroupNormResnetBlock(resnet_block(40, 40, groups=8))  # no channel step divides 40
+    unet.plain = resnet_block(64, 64)  # not fused_group_norms' block: left alone
+    assert fp8_conv.fp8_resnet_convs(unet) == 1
+    assert type(unet.ok) is fp8_conv.Fp8ConvResnetBlock and type(unet.narrow) is G.GroupNormResnetBlock
+    assert not fp8_conv.can_run(torch.nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    assert not fp8_conv.can_run(torch.nn.Conv2d(64, 64, 1))
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from sccsdxl import fp8_conv, group_norm as G
+
+    torch.manual_seed(4)
+    # a shift and whole tiles; no shift, 3 images of 5 x 5 and partial row and channel tiles
+    for n, c, size, with_shift in ((2, 64, 6, True), (3, 96, 5, False)):
+        norm = torch.nn.GroupNorm(32, c).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(c) + 0.5)
+            norm.bias.copy_(torch.randn(c) * 0.1)
+        x = (torch.randn(n, c, size, size) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        shift = torch.randn(n, c).to(torch.bfloat16) if with_shift else None
+        framed = torch.full((G.frame_rows(n, size, size), c), 1.0).to(G.FP8)  # ones: the frame must be zeroed
+        framed.zero_()
+        amax = torch.zeros(1)
+        G.run_framed_config(x, norm, shift, framed, amax, (8, 64), (8, 32))
+        exact = G.group_norm_reference(x, norm, shift, silu=True).float()
+        where = (n, c, size, with_shift)
+        # the interpreter rounds the norm to bf16 toward zero (the GPU to nearest) before SiLU
+        assert abs(float(amax) - float(exact.abs().amax())) <= 0.02 * float(amax), where
+        border = framed.float().clone()
+        G.framed_interior(border, n, size, size).zero_()
+        assert border.abs().max() == 0, where  # nothing written outside the image pixels
+        inside = G.framed_interior(framed, n, size, size).float()
+        # Triton 3.8's interpreter converts fp32 to e4m3 wrongly where rounding carries into the exponent (the GPU's
+        # cvt rounds right), which about doubles e4m3's error here
+        restored = inside * G.e4m3_scale(amax)
+        assert float((restored - exact.permute(0, 2, 3, 1)).norm() / exact.norm()) < 0.1, where
+        # the convolution kernel on those rows, against the same sums of the dequantized operands
+        conv = torch.nn.Conv2d(c, 40, 3, padding=1).to(torch.bfloat16)
+        for with_bias in (True, False):
+            fp8 = fp8_conv.Fp8Conv3x3(conv, with_bias=with_bias)
+            y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
+            fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 32))
+            expected = fp8.reference(framed, amax, n, size, size).float()
+            got = y.permute(0, 3, 1, 2).float()
+            assert not got.isnan().any(), where  # every pixel and channel written
+            assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias)
+    print("kernel ok")
+""")
+
+
+@pytest.mark.skipif(triton is None or torch.cuda.is_available(),
+                    reason="needs the triton package; on a GPU the tests below run the compiled kernels")
+def test_kernels_in_tritons_cpu_interpreter_write_the_frame_and_sum_the_shifted_rows():
+    assert_interpreted_ok(INTERPRETED)
+
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton is not None
+                              and torch.cuda.get_device_capability(0) >= (8, 9)),
+                         reason="the kernels need an NVIDIA GPU with fp8 (run on the H200: BENCHMARKS.md)")
+
+
+@gpu
+@pytest.mark.parametrize("c_in,c_out,size", [(640, 640, 32), (1920, 640, 32), (320, 320, 64)])
+def test_compiled_block_on_the_gpu_matches_its_reference(c_in, c_out, size):
+    block = resnet_block(c_in, c_out, temb=1280).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+    fp8_block = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
+    x = torch.randn(4, c_in, size, size, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    temb = torch.randn(4, 1280, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = block(x, temb).float()
+        eager = fp8_block(x, temb)
+        compiled = torch.compile(fp8_block, fullgraph=True)(x, temb)
+        framed, amax = G.group_norm_framed_fp8(x, block.norm1)
+        ref_framed, ref_amax = G.group_norm_framed_fp8_reference(x, block.norm1)
+    assert torch.allclose(amax, ref_amax, rtol=1e-2)
+    assert relative_error(G.framed_interior(framed, 4, size, size), G.framed_interior(ref_framed, 4, size, size)) < 0.02
+    subtract = x.float() if c_in == c_out else 0
+    assert relative_error(eager.float() - subtract, expected - subtract) < 0.06
+    assert relative_error(compiled, eager) < 0.01

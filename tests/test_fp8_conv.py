@@ -37,6 +37,14 @@ def test_the_framed_grid_puts_each_pixel_behind_a_zero_frame_and_guard_rows():
     assert framed[:7].abs().sum() == framed[-7:].abs().sum() == 0  # the guard rows
 
 
+def test_zero_frame_zeroes_all_but_the_image_pixels():
+    framed = torch.ones(G.frame_rows(2, 3, 4), 5)
+    G.zero_frame(framed, 2, 3, 4)
+    expected = torch.zeros_like(framed)
+    G.framed_interior(expected, 2, 3, 4).fill_(1)
+    assert torch.equal(framed, expected)
+
+
 def test_framed_e4m3_reference_scales_the_batch_by_its_largest_value():
     norm = resnet_block(64, 64).norm1
     x = torch.randn(3, 64, 5, 5) * torch.tensor([1.0, 10.0, 0.1])[:, None, None, None]  # normalized: alike
@@ -98,8 +106,8 @@ INTERPRETED = textwrap.dedent("""
             norm.bias.copy_(torch.randn(c) * 0.1)
         x = (torch.randn(n, c, size, size) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         shift = torch.randn(n, c).to(torch.bfloat16) if with_shift else None
-        framed = torch.full((G.frame_rows(n, size, size), c), 1.0).to(G.FP8)  # ones: the frame must be zeroed
-        framed.zero_()
+        framed = torch.full((G.frame_rows(n, size, size), c), float("nan")).to(G.FP8)  # NaN where nothing is written
+        G.zero_frame(framed, n, size, size)
         amax = torch.zeros(1)
         G.run_framed_config(x, norm, shift, framed, amax, (8, 64), (8, 32))
         exact = G.group_norm_reference(x, norm, shift, silu=True).float()
@@ -110,6 +118,7 @@ INTERPRETED = textwrap.dedent("""
         G.framed_interior(border, n, size, size).zero_()
         assert border.abs().max() == 0, where  # nothing written outside the image pixels
         inside = G.framed_interior(framed, n, size, size).float()
+        assert not inside.isnan().any(), where  # every image pixel written
         # Triton 3.8's interpreter converts fp32 to e4m3 wrongly where rounding carries into the exponent (the GPU's
         # cvt rounds right), which about doubles e4m3's error here
         restored = inside * G.e4m3_scale(amax)

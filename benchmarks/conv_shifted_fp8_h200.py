@@ -71,13 +71,6 @@ def _shifted_conv_kernel(x_desc, w_desc, y_ptr, scale_ptr, bias_ptr, FRAMED, GUA
         a = x_desc.load([GUARD + pid_m * BM + shift, channel])
         b = w_desc.load([pid_n * BN, tap * C_IN + channel])
         acc = tl.dot(a, b.T, acc)
-    _store_image_rows(acc, pid_m, pid_n, y_ptr, scale_ptr, bias_ptr, FRAMED, H, W, C_OUT, HAS_BIAS, BM, BN)
-
-
-@triton.jit
-def _store_image_rows(acc, pid_m, pid_n, y_ptr, scale_ptr, bias_ptr, FRAMED, H, W, C_OUT, HAS_BIAS: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr):
-    """A tile of framed-grid rows by output channels, scaled (+ bias), stored where the row is an image pixel."""
     q = pid_m * BM + tl.arange(0, BM)
     per_image = (H + 2) * (W + 2)
     row, column = (q % per_image) // (W + 2), q % (W + 2)
@@ -93,14 +86,11 @@ def _store_image_rows(acc, pid_m, pid_n, y_ptr, scale_ptr, bias_ptr, FRAMED, H, 
 
 
 def framed_fp8(x_nhwc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) -> e4m3 rows of the zero-framed grid, (W + 3) zero guard rows before and after (so that no
-    shifted row index is negative): (2 (W + 3) + N (H + 2) (W + 2), C)."""
+    """(N, H, W, C) -> e4m3 rows of the zero-framed grid, as sccsdxl.group_norm lays them out (frame_rows)."""
     n, h, w, c = x_nhwc.shape
-    guard = w + 3
-    flat = torch.zeros(2 * guard + n * (h + 2) * (w + 2), c, device=x_nhwc.device, dtype=torch.float32)
-    grid = flat[guard:guard + n * (h + 2) * (w + 2)].view(n, h + 2, w + 2, c)
-    grid[:, 1:h + 1, 1:w + 1] = (x_nhwc.float() / scale).clamp(-FP8_MAX, FP8_MAX)
-    return flat.to(FP8)
+    framed = torch.zeros(G.frame_rows(n, h, w), c, device=x_nhwc.device, dtype=torch.float32)
+    G.framed_interior(framed, n, h, w).copy_((x_nhwc.float() / scale).clamp(-FP8_MAX, FP8_MAX))
+    return framed.to(FP8)
 
 
 def weight_taps(w_q: torch.Tensor) -> torch.Tensor:
@@ -192,8 +182,8 @@ def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
 
 def block_times(x: torch.Tensor, x_scale: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor) -> dict[str, float]:
-    """ms of a ResNet block's GroupNorm + SiLU as fused_group_norms runs it (bf16) and as fp8_convs does (e4m3 into framed
-    rows, their frame zeroed and a pass for the largest value first); ``x`` stands in for the norm's input."""
+    """ms of a ResNet block's GroupNorm + SiLU as fused_group_norms runs it (bf16) and as fp8_convs does (e4m3 into
+    framed rows, their frame zeroed and a pass for the largest value first); ``x`` stands in for the norm's input."""
     norm = torch.nn.GroupNorm(32, x.shape[1]).to(x.device, torch.bfloat16)
     with torch.no_grad():
         return {"norm bf16": gpu_ms(lambda: G.group_norm(x, norm, silu=True)),

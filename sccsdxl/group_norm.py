@@ -350,16 +350,22 @@ def group_norm_framed_fp8_reference(x: torch.Tensor, norm: torch.nn.GroupNorm,
     return framed, amax
 
 
+def _kernel_inputs(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What the kernels' ops take: x in channels_last memory, the shift (N, C) in x's dtype (x itself, unread,
+    where there is none) and whether there is one."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if shift is None:
+        return x, x, False
+    return x, shift.to(x.dtype).contiguous(), True
+
+
 def group_norm_framed_fp8(x: torch.Tensor, norm: torch.nn.GroupNorm,
                           shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU(``norm``(x + shift)) of (N, C, H, W) ``x`` in e4m3 for sccsdxl.fp8_conv: (frame_rows, C) rows of the
     zero-framed NHWC grid divided by one scale, and its largest |value| (1,) fp32, from which the scale is made
     (e4m3_scale). One scale for the batch: GroupNorm's output is on the same scale in every image."""
     if x.is_cuda and triton is not None:
-        x = x.contiguous(memory_format=torch.channels_last)
-        has_shift = shift is not None
-        shift = shift.to(x.dtype).contiguous() if has_shift else x
-        return _group_norm_framed_gpu(x, shift, has_shift, norm.weight, norm.bias, norm.num_groups, norm.eps)
+        return _group_norm_framed_gpu(*_kernel_inputs(x, shift), norm.weight, norm.bias, norm.num_groups, norm.eps)
     return group_norm_framed_fp8_reference(x, norm, shift)
 
 
@@ -368,10 +374,7 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | 
     """``norm``(x + shift[:, :, None, None]) (SiLU'd if asked) of (N, C, H, W) ``x``, with ``shift`` (N, C); on a
     GPU three kernels over channels_last memory, the result channels_last too."""
     if x.is_cuda and triton is not None:
-        x = x.contiguous(memory_format=torch.channels_last)
-        has_shift = shift is not None
-        shift = shift.to(x.dtype).contiguous() if has_shift else x
-        return _group_norm_gpu(x, shift, has_shift, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+        return _group_norm_gpu(*_kernel_inputs(x, shift), norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     return group_norm_reference(x, norm, shift, silu)
 
 

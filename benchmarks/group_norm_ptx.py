@@ -32,14 +32,15 @@ def ptxas_path() -> str:
     return get_ptxas(90).path
 
 
-def module_at(revision: str):
-    """sccsdxl/group_norm.py as it was at ``revision``, imported under a name of its own."""
-    source = subprocess.run(["git", "show", f"{revision}:sccsdxl/group_norm.py"], capture_output=True, text=True,
+def module_at(revision: str, name: str = "group_norm"):
+    """sccsdxl/<name>.py as it was at ``revision``, imported under a name of its own (its relative imports resolve
+    in this tree's sccsdxl)."""
+    source = subprocess.run(["git", "show", f"{revision}:sccsdxl/{name}.py"], capture_output=True, text=True,
                             check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "group_norm_at_revision.py")
+    path = os.path.join(tempfile.mkdtemp(), f"{name}_at_revision.py")
     with open(path, "w") as fh:
         fh.write(source)
-    spec = importlib.util.spec_from_file_location("sccsdxl.group_norm_at_revision", path)
+    spec = importlib.util.spec_from_file_location(f"sccsdxl.{name}_at_revision", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

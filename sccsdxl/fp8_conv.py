@@ -50,8 +50,7 @@ if triton is not None:
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the framed rows times channels pass 2**31 at batch 50). x_scale = amax / 448,
-        one scalar for the batch (a scale per image, a vector across the accumulator's rows, took 56 more registers
-        a thread: ptxas for sm_90)."""
+        one scalar for the batch: a scale per image, a vector across the accumulator's rows, cost registers."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
         chunks = C_IN // BK
         rk = tl.arange(0, BK)

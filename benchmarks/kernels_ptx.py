@@ -1,0 +1,127 @@
+"""Registers and spills of the kit's row and convolution kernels for an H200 (sm_90), without a GPU.
+
+Triton compiles each autotuning configuration ahead of time for sm_90 and the ptxas it assembles with reports its
+registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
+TMA (cp.async.bulk.tensor) or cp.async loads: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
+sccsdxl.fp8_conv's convolution and conv_shifted_fp8_h200.py's TMA form of it. With a git revision, the LayerNorm
+kernel as it was there is compiled too and compared configuration by configuration (BENCHMARKS.md, session 17).
+Arguments are pointer alignments as Triton's launcher specializes them (16-byte divisible). Runs on a CPU:
+  python3 benchmarks/kernels_ptx.py [REVISION]      # from the repo root
+"""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+import conv_shifted_fp8_h200 as experiment  # noqa: E402
+from group_norm_ptx import module_at, ptxas_report  # noqa: E402
+
+from sccsdxl import fp8_conv, fused  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compiled(fn, signature: dict, constants: dict, aligned: tuple, warps: int, stages: int = 3) -> dict:
+    """ptxas's report and counts of the PTX of ``fn`` with these constants (the others typed by ``signature``)."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs), target=TARGET,
+                            options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    return {"ptxas": ptxas_report(ptx), "global loads": ptx.count("ld.global"), "global stores": ptx.count("st.global"),
+            "wgmma": ptx.count("wgmma.mma_async"), "TMA loads": ptx.count("cp.async.bulk.tensor"),
+            "cp.async": ptx.count("cp.async.cg")}
+
+
+def with_constants(names: list[str], types: dict) -> dict:
+    return {name: types.get(name, "constexpr") for name in names}
+
+
+def geglu_rows() -> None:
+    names = ["hidden_ptr", "out_ptr", "scale_ptr", "n_rows", "n_cols", "hidden_stride", "out_stride", "BLOCK",
+             "HEAD", "TAIL", "ROWS", "CHUNK", "SPLIT", "FP8_MAX", "MIN_SCALE"]
+    types = {"hidden_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+             "hidden_stride": "i32", "out_stride": "i32"}
+    for width, head, tail in ((5120, 4096, 1024), (2560, 2048, 512)):
+        for config in fused._configs():
+            constants = {"BLOCK": triton.next_power_of_2(width), "HEAD": head, "TAIL": tail, "FP8_MAX": fused.FP8_MAX,
+                         "MIN_SCALE": fused.MIN_SCALE, **config.kwargs}
+            got = compiled(fused._geglu_fp8_rows_kernel.fn, with_constants(names, types), constants, (0, 1, 2, 5, 6),
+                           config.num_warps)
+            print(f"| GEGLU + fp8, {width} | {config.kwargs}, {config.num_warps} warps | {got['ptxas']} | "
+                  f"{got['global loads']} | {got['global stores']} |")
+
+
+def layer_norm_rows(revision: str | None) -> None:
+    names = ["x_ptr", "residual_ptr", "sum_ptr", "weight_ptr", "bias_ptr", "out_ptr", "scale_ptr", "n_rows",
+             "n_cols", "eps", "BLOCK", "HEAD", "TAIL", "ROWS", "SPLIT", "HAS_RESIDUAL", "FP8_MAX", "MIN_SCALE"]
+    types = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "sum_ptr": "*bf16", "weight_ptr": "*bf16",
+             "bias_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+             "eps": "fp32"}
+    old = module_at(revision, "fused") if revision else None
+    same = total = 0
+    for width, head, tail in ((1280, 1024, 256), (640, 512, 128)):
+        for residual in (True, False):
+            for config in fused._layer_norm_fp8_rows_kernel.configs:
+                constants = {"BLOCK": triton.next_power_of_2(width), "HEAD": head, "TAIL": tail,
+                             "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE,
+                             **config.kwargs}
+                got = compiled(fused._layer_norm_fp8_rows_kernel.fn, with_constants(names, types), constants,
+                               range(7), config.num_warps)
+                line = (f"| LayerNorm + fp8, {width}, residual {residual} | {config.kwargs}, {config.num_warps} warps"
+                        f" | {got['ptxas']} | {got['global loads']} | {got['global stores']} |")
+                if old is not None:
+                    before_names = names + (["PER_SM"] if "PER_SM" in old._layer_norm_fp8_rows_kernel.arg_names
+                                            else [])
+                    before = compiled(old._layer_norm_fp8_rows_kernel.fn, with_constants(before_names, types),
+                                      {**constants, **({"PER_SM": 0} if "PER_SM" in before_names else {})},
+                                      range(7), config.num_warps)
+                    agree = all(before[k] == got[k] for k in ("ptxas", "global loads", "global stores"))
+                    same, total = same + agree, total + 1
+                    line += f" {'same' if agree else 'differs: ' + before['ptxas']} at {revision} |"
+                print(line)
+    if old is not None:
+        print(f"\nLayerNorm configurations compiling to the same registers, loads and stores as at {revision}: "
+              f"{same} of {total}")
+
+
+def convolution_rows() -> None:
+    kit = ["x_ptr", "amax_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "FRAMED", "H", "W", "C_IN", "C_OUT",
+           "HAS_BIAS", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
+    kit_types = {"x_ptr": "*fp8e4nv", "amax_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "y_ptr": "*bf16", "FRAMED": "i32", "H": "i32", "W": "i32", "C_IN": "i32",
+                 "C_OUT": "i32"}
+    tma = ["x_desc", "w_desc", "y_ptr", "scale_ptr", "bias_ptr", "FRAMED", "GUARD", "H", "W", "C_IN", "C_OUT",
+           "HAS_BIAS", "BM", "BN", "BK", "GROUP_M"]
+    for config in fp8_conv.configs():
+        kw = config.kwargs
+        got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(kit, kit_types),
+                       {"HAS_BIAS": True, "FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, **kw},
+                       (0, 1, 2, 3, 4, 5, 9, 10), config.num_warps, config.num_stages)
+        tma_types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>",
+                     "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "y_ptr": "*bf16",
+                     "scale_ptr": "*fp32", "bias_ptr": "*bf16", **{n: "i32" for n in tma[5:11]}}
+        with_tma = compiled(experiment._shifted_conv_kernel.fn, with_constants(tma, tma_types),
+                            {"HAS_BIAS": True, **kw}, (2, 3, 4, 9, 10), config.num_warps, config.num_stages)
+        tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
+        print(f"| shifted convolution | {tile} | sccsdxl.fp8_conv: {got['ptxas']}, {got['wgmma']} wgmma, "
+              f"{got['cp.async']} cp.async | TMA form: {with_tma['ptxas']}, {with_tma['wgmma']} wgmma, "
+              f"{with_tma['TMA loads']} TMA loads |")
+
+
+def main() -> None:
+    revision = sys.argv[1] if len(sys.argv) > 1 else None
+    print(f"Triton {triton.__version__}, sm_90\n")
+    print("| kernel | configuration | ptxas | global loads | global stores |" + (" at the revision |" if revision
+                                                                                     else ""))
+    print("|---|---|---|---|---|" + ("---|" if revision else ""))
+    geglu_rows()
+    layer_norm_rows(revision)
+    print("\n| kernel | tile | the kit's form | the TMA form |\n|---|---|---|---|")
+    convolution_rows()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,24 +1,23 @@
-"""Can an fp8 3x3 convolution run at GEMM speed on Hopper if its input is stored zero-padded?
+"""Does an fp8 3x3 convolution run at GEMM speed on Hopper if its input is stored zero-framed? (sccsdxl.fp8_conv)
 
 The UNet's convolutions are 4.8-4.9 s of a 21.4-21.8 s batch of 50 on an H200 (BENCHMARKS.md, sessions 16-17), in
 bf16 through cuDNN, while its fp8 GEMMs run near 1,300 TFLOP/s. Neither cuDNN's fp8 convolution (310 TFLOP/s at most
 shapes, session 9) nor conv_fp8_h200.py's implicit GEMM (770-900 TFLOP/s: each program gathers its 3x3 window
-through pointers, session 5) came close. Here the input is stored as the GroupNorm kernel could write it: e4m3 with
-one scale, NHWC, each image framed by a one-pixel border of zeros, flattened to rows of pixels. Then the pixel
-under tap (dy, dx) of output pixel q is input row q + dy * (W + 2) + dx, for every q of the framed grid: each
-tap's operand is the same matrix shifted by a constant number of rows, so every tile load is one plain 2D TMA
-block and the kernel is a GEMM over K = 9 x C_in. It computes the frame's outputs too (13 % more at 32 x 32,
-6 % at 64 x 64, 3 % at 128 x 128) and stores only the image's. The weights are e4m3 with one scale per output
-channel. sccsdxl.fp8_conv (option fp8_convs) runs the same sums with plain loads (each tile still BM consecutive
-rows; torch.compile then needs no TMA descriptors), its input scale read from the norm's largest value.
+through pointers, session 5) came close. Option fp8_convs stores the input as the GroupNorm kernel writes it: e4m3
+with one scale, NHWC, each image framed by a one-pixel border of zeros, flattened to rows of pixels. Then the pixel
+under tap (dy, dx) of output pixel q is input row q + dy * (W + 2) + dx, for every q of the framed grid: each tap's
+operand is the same matrix shifted by a constant number of rows, every tile load one 2D TMA block, and the kernel
+is a GEMM over K = 9 x C_in. It computes the frame's outputs too (13 % more at 32 x 32, 6 % at 64 x 64, 3 % at
+128 x 128) and stores only the image's. Session 18 measured this TMA form at 1,130-1,190 TFLOP/s where the same
+kernel with plain pointer loads (the package at 6bbaf5e) ran 630-930; the package now has the TMA form.
 
-At the UNet's 3x3 convolutions (50 rows: batch 25 with guidance), it checks the TMA kernel against cuDNN's bf16
-convolution of the same input (the fp8 error), against the convolution of the dequantized e4m3 input and weights
-(exact up to the bf16 output) and against sccsdxl.fp8_conv's kernel, then times cuDNN in bf16, conv_fp8_h200.py's
-kernel in fp8, the TMA kernel, sccsdxl.fp8_conv's, and framing + quantizing the input with torch (compiled). TFLOP/s
-count the image's outputs only. Then a ResNet block's GroupNorm + SiLU and convolution as fused_group_norms runs
-them (the norm kernels writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame zeroed, a pass
-for the largest value, the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
+At the UNet's 3x3 convolutions (50 rows: batch 25 with guidance), it checks sccsdxl.fp8_conv's kernel against the
+convolution of the dequantized e4m3 input and weights (exact up to the bf16 output) and against cuDNN's bf16
+convolution of the same input (the fp8 error), then times cuDNN in bf16, conv_fp8_h200.py's kernel in fp8,
+sccsdxl.fp8_conv's, and framing + quantizing the input with torch (compiled). TFLOP/s count the image's outputs
+only. Then a ResNet block's GroupNorm + SiLU and convolution as fused_group_norms runs them (the norm kernels
+writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame zeroed, a pass for the largest value,
+the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
   python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
 """
 from __future__ import annotations
@@ -31,58 +30,14 @@ import torch.nn.functional as F
 import conv_fp8_h200 as gathered  # switches Triton's interpreter on first under --interpret
 from kernel_bench import FP8, FP8_MAX, gpu_ms, relative_error, run_experiment
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
-
 sys.path.insert(0, ".")
 from sccsdxl import fp8_conv  # noqa: E402
 from sccsdxl import group_norm as G  # noqa: E402
-from sccsdxl.ffn_gemm import grouped_tile  # noqa: E402  the tile order of sccsdxl's GEMM kernel
 
 # the 3x3, stride-1 convolutions of conv_fp8_h200.py (the downsampler and the 1x1 shortcut are GEMM-like already)
 SHAPES = [shape for shape in gathered.SHAPES if shape[5] == 3 and shape[6] == 1]
 TINY = [("tiny 3x3, 6 x 6", 2, 6, 64, 32), ("tiny 3x3, 3 images of 5 x 5, partial tiles", 3, 5, 96, 40)]
 FIXED = {"BM": 16, "BN": 16, "BK": 32, "GROUP_M": 2}  # the interpreter cannot autotune
-
-
-def _set_blocks(args: dict) -> None:
-    """The TMA descriptors' blocks follow the tile being run (the autotuning's pre-hook)."""
-    args["x_desc"].block_shape = [args["BM"], args["BK"]]
-    args["w_desc"].block_shape = [args["BN"], args["BK"]]
-
-
-@triton.autotune(configs=fp8_conv.configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
-                 prune_configs_by={"early_config_prune": fp8_conv.fits})  # the tiles sccsdxl.fp8_conv tunes over
-@triton.jit
-def _shifted_conv_kernel(x_desc, w_desc, y_ptr, scale_ptr, bias_ptr, FRAMED, GUARD, H, W, C_IN, C_OUT,
-                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         GROUP_M: tl.constexpr):
-    """y[pixel, n] = scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c] (+ bias[n]),
-    q running over the FRAMED rows of the framed grid (GUARD zero rows before them), stored where q is an image
-    pixel."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
-    chunks = C_IN // BK
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in tl.range(0, 9 * chunks):
-        tap = k // chunks
-        channel = (k - tap * chunks) * BK
-        shift = (tap // 3 - 1) * (W + 2) + tap % 3 - 1
-        a = x_desc.load([GUARD + pid_m * BM + shift, channel])
-        b = w_desc.load([pid_n * BN, tap * C_IN + channel])
-        acc = tl.dot(a, b.T, acc)
-    q = pid_m * BM + tl.arange(0, BM)
-    per_image = (H + 2) * (W + 2)
-    row, column = (q % per_image) // (W + 2), q % (W + 2)
-    inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
-    pixel = ((q // per_image * H + row - 1) * W + column - 1).to(tl.int64)
-    rn = pid_n * BN + tl.arange(0, BN)
-    n_ok = rn < C_OUT
-    out = acc * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=inside[:, None] & n_ok[None, :])
 
 
 def framed_fp8(x_nhwc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -93,40 +48,15 @@ def framed_fp8(x_nhwc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return framed.to(FP8)
 
 
-def weight_taps(w_q: torch.Tensor) -> torch.Tensor:
-    """(C_out, 3, 3, C_in) -> (C_out, 9 C_in): K ordered tap by tap, as the kernel walks it."""
-    return w_q.reshape(w_q.shape[0], -1).contiguous()
-
-
-def shifted_conv(framed: torch.Tensor, w_k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
-    """The TMA kernel on ``framed`` (from framed_fp8) and ``w_k`` (from weight_taps); ``scale``: the input's scale
-    times each output channel's, (C_out,) fp32. Returns (N, H, W, C_out) bf16. ``config``: fixed tiles instead of
-    autotuning."""
-    c_in, c_out = framed.shape[1], w_k.shape[0]
-    rows = n * (h + 2) * (w + 2)
-    y = torch.empty(n, h, w, c_out, device=framed.device, dtype=torch.bfloat16)
-    grid = lambda meta: (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)  # noqa: E731
-    # the descriptors' blocks are set per tile: by the autotuning's pre-hook, or here for a fixed tile
-    x_desc, w_desc = (TensorDescriptor.from_tensor(t, [64, 64]) for t in (framed, w_k))
-    kernel = _shifted_conv_kernel
-    if config is not None:
-        _set_blocks({"x_desc": x_desc, "w_desc": w_desc, **config})
-        kernel = kernel.fn
-    kernel[grid](x_desc, w_desc, y, scale, scale if bias is None else bias, rows, w + 3, h, w, c_in, c_out,
-                 HAS_BIAS=bias is not None, **(config or {}))
-    return y
-
-
 def kit_conv(framed: torch.Tensor, w_k: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None, n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
-    """sccsdxl.fp8_conv's kernel (option fp8_convs: plain loads, the input scale from its largest value) on the
-    same operands. Returns (N, H, W, C_out) bf16."""
+    """sccsdxl.fp8_conv's kernel on ``framed`` (from framed_fp8) and ``w_k`` ((C_out, 9 C_in), taps before
+    channels), the input scale given as its largest value; ``config``: fixed tiles instead of tuning. Returns
+    (N, H, W, C_out) bf16."""
     y = torch.empty(n, h, w, w_k.shape[0], device=framed.device, dtype=torch.bfloat16)
-    amax = x_scale * FP8_MAX
     kernel = fp8_conv._shifted_conv_kernel
-    fp8_conv._launch(kernel if config is None else kernel.fn, framed, amax, w_k, w_scale, bias, y, h, w,
-                     **({k: v for k, v in config.items()} if config else {}))
+    fp8_conv._launch(kernel if config is None else kernel.fn, framed, x_scale * FP8_MAX, w_k, w_scale, bias, y, h,
+                     w, **(config or {}))
     return y
 
 
@@ -142,19 +72,16 @@ def case(rows, size, c_in, c_out, device):
 def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
     x, weight, bias = case(rows, size, c_in, c_out, device)
     x_nhwc = x.permute(0, 2, 3, 1)  # a view: channels_last memory is NHWC-contiguous
-    x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)  # as a calibration (or the norm's statistics) sets it
+    x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)  # as the norm's largest value sets it
     w_q, w_scale = gathered.quantize_out_channels(weight.permute(0, 2, 3, 1).contiguous())
-    scale = x_scale * w_scale
-    framed, w_k = framed_fp8(x_nhwc, x_scale), weight_taps(w_q)
-    fixed = None if timed else FIXED
-    out = shifted_conv(framed, w_k, scale, bias, rows, size, size, fixed).permute(0, 3, 1, 2)
-    kit = kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, fixed).permute(0, 3, 1, 2)
+    framed, w_k = framed_fp8(x_nhwc, x_scale), w_q.reshape(c_out, -1).contiguous()
+    out = kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, None if timed else FIXED)
+    out = out.permute(0, 3, 1, 2)
     reference = F.conv2d(x, weight, bias, padding=1)
     x_q = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     dequantized = F.conv2d(x_q.float() * x_scale, w_q.float().permute(0, 3, 1, 2) * w_scale[:, None, None, None],
                            bias.float(), padding=1)
-    row = (f"| {name} | {relative_error(out, dequantized):.4f} | {relative_error(out, reference):.4f} | "
-           f"{relative_error(kit, out):.4f} |")
+    row = f"| {name} | {relative_error(out, dequantized):.4f} | {relative_error(out, reference):.4f} |"
     if not timed:
         return row
     flop = 2 * rows * size * size * c_out * c_in * 9
@@ -162,26 +89,21 @@ def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
     frame = torch.compile(framed_fp8, dynamic=False)
     frame(x_nhwc, x_scale)
     times = {"cudnn": gpu_ms(lambda: F.conv2d(x, weight, bias, padding=1)),
-             "gathered": gpu_ms(lambda: gathered.conv_nhwc(x_q_nhwc, w_q, scale, bias, 1, 1)),
-             "shifted": gpu_ms(lambda: shifted_conv(framed, w_k, scale, bias, rows, size, size)),
+             "gathered": gpu_ms(lambda: gathered.conv_nhwc(x_q_nhwc, w_q, x_scale * w_scale, bias, 1, 1)),
              "kit": gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size)),
              "frame": gpu_ms(lambda: frame(x_nhwc, x_scale))}
     rate = {key: f"{ms:.3f} ({flop / ms / 1e9:.0f})" for key, ms in times.items() if key != "frame"}
-    best = _shifted_conv_kernel.best_config
-    times.update(block_times(x, x_scale, w_k, w_scale, bias))
+    best = fp8_conv._shifted_conv_kernel.best_config
+    times.update(block_times(x))
     today = times["norm bf16"] + times["cudnn"]
     fp8 = times["norm framed"] + times["kit"]
-    kit_best = fp8_conv._shifted_conv_kernel.best_config
-    return (row + f" {rate['cudnn']} | {rate['gathered']} | {rate['shifted']} | {rate['kit']} "
-            f"({kit_best.kwargs} w{kit_best.num_warps} s{kit_best.num_stages}) | {times['frame']:.3f} | "
-            f"{times['cudnn'] / times['shifted']:.2f}x | {times['cudnn'] / (times['shifted'] + times['frame']):.2f}x"
-            f" | {best.kwargs} w{best.num_warps} s{best.num_stages} | {times['norm bf16']:.3f} + "
-            f"{times['cudnn']:.3f} = {today:.3f} | {times['norm framed']:.3f} + {times['kit']:.3f} = {fp8:.3f} | "
-            f"{today / fp8:.2f}x |")
+    return (row + f" {rate['cudnn']} | {rate['gathered']} | {rate['kit']} | {best.kwargs} w{best.num_warps} "
+            f"s{best.num_stages} | {times['frame']:.3f} | {times['cudnn'] / times['kit']:.2f}x | "
+            f"{times['norm bf16']:.3f} + {times['cudnn']:.3f} = {today:.3f} | {times['norm framed']:.3f} + "
+            f"{times['kit']:.3f} = {fp8:.3f} | {today / fp8:.2f}x |")
 
 
-def block_times(x: torch.Tensor, x_scale: torch.Tensor, w_k: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor) -> dict[str, float]:
+def block_times(x: torch.Tensor) -> dict[str, float]:
     """ms of a ResNet block's GroupNorm + SiLU as fused_group_norms runs it (bf16) and as fp8_convs does (e4m3 into
     framed rows, their frame zeroed and a pass for the largest value first); ``x`` stands in for the norm's input."""
     norm = torch.nn.GroupNorm(32, x.shape[1]).to(x.device, torch.bfloat16)
@@ -191,13 +113,11 @@ def block_times(x: torch.Tensor, x_scale: torch.Tensor, w_k: torch.Tensor, w_sca
 
 
 def main() -> None:
-    run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16 | "
-                   "sccsdxl.fp8_conv's kernel vs this one",
-                   "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | shifted fp8 ms (TFLOP/s) "
-                   "| sccsdxl.fp8_conv's kernel (plain loads) ms (TFLOP/s) (its tile) "
-                   "| framing + quantizing the input ms (torch, compiled) | cuDNN / shifted | cuDNN / (shifted + "
-                   "framing) | shifted's tile | fused_group_norms: norm (bf16) + cuDNN ms | fp8_convs: framed e4m3 "
-                   "norm + sccsdxl.fp8_conv ms | fused_group_norms / fp8_convs |")
+    run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16",
+                   "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | sccsdxl.fp8_conv ms "
+                   "(TFLOP/s) | its tile | framing + quantizing the input ms (torch, compiled) | cuDNN / fp8_conv | "
+                   "fused_group_norms: norm (bf16) + cuDNN ms | fp8_convs: framed e4m3 norm + sccsdxl.fp8_conv ms "
+                   "| fused_group_norms / fp8_convs |")
 
 
 if __name__ == "__main__":

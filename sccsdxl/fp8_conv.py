@@ -9,8 +9,9 @@ rows of pixels. Then the pixel under tap (dy, dx) of output pixel q is input row
 the framed grid: each tap's operand is the same matrix shifted by a constant number of rows, every tile of it BM
 consecutive rows, and the convolution is one GEMM over K = 9 C_in (weights e4m3, one scale per output channel)
 that also computes the frame's outputs (13 % more at 32 x 32, 6 % at 64 x 64, 3 % at 128 x 128) and stores only the
-image's. Built in session 17 after its device time: not yet measured on a GPU (benchmarks/conv_shifted_fp8_h200.py
-times the kernel alone; BENCHMARKS.md).
+image's. Each operand tile is one TMA block load: 1,150-1,210 TFLOP/s at the 640 and 1280 levels on an H200, where
+the same sums with pointer loads ran 630-930 and cuDNN's bf16 680-790; through loadgen the option took the fastest
+configuration from 2.297 to 2.414 samples/s (BENCHMARKS.md, session 18).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 
 if triton is not None:
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from .ffn_gemm import grouped_tile
 
@@ -41,37 +42,37 @@ if triton is not None:
         """Only channel steps that divide the input channels: a step must not run past one tap's channels."""
         return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0]
 
-    @triton.autotune(configs=configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
+    def _set_blocks(args: dict) -> None:
+        """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile)."""
+        args["x_desc"].block_shape = [args["BM"], args["BK"]]
+        args["w_desc"].block_shape = [args["BN"], args["BK"]]
+
+    @triton.autotune(configs=configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
                      prune_configs_by={"early_config_prune": fits})
     @triton.jit
-    def _shifted_conv_kernel(x_ptr, amax_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr, FRAMED, H, W, C_IN, C_OUT,
+    def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, FRAMED, H, W, C_IN, C_OUT,
                              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                              GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
-        image pixel (int64 addresses: the framed rows times channels pass 2**31 at batch 50). x_scale = amax / 448,
-        one scalar for the batch: a scale per image, a vector across the accumulator's rows, cost registers."""
+        image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
+        one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
         chunks = C_IN // BK
-        rk = tl.arange(0, BK)
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_ok = rn < C_OUT
-        w_rows = w_ptr + rn.to(tl.int64)[None, :] * (9 * C_IN) + rk[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, 9 * chunks):
             tap = k // chunks
             channel = (k - tap * chunks) * BK
-            shift = (W + 3) + pid_m * BM + (tap // 3 - 1) * (W + 2) + tap % 3 - 1
-            rows = (shift + tl.arange(0, BM)).to(tl.int64)
-            a = tl.load(x_ptr + rows[:, None] * C_IN + channel + rk[None, :],
-                        mask=(rows < FRAMED + 2 * (W + 3))[:, None], other=0.0)
-            b = tl.load(w_rows + tap * C_IN + channel, mask=n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            a = x_desc.load([(W + 3) + pid_m * BM + (tap // 3 - 1) * (W + 2) + tap % 3 - 1, channel])
+            b = w_desc.load([pid_n * BN, tap * C_IN + channel])
+            acc = tl.dot(a, b.T, acc)
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
         row, column = (q % per_image) // (W + 2), q % (W + 2)
         inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < C_OUT
         x_scale = tl.maximum(tl.load(amax_ptr) / FP8_MAX, MIN_SCALE)
         out = acc * (x_scale * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0))[None, :]
         if HAS_BIAS:
@@ -85,12 +86,17 @@ if triton is not None:
         or NCHW channels_last); ``config``: one tile, run directly."""
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
+        # host-side TMA descriptors; their blocks are set per tile (a placeholder until then)
+        descriptors = {"x_desc": TensorDescriptor.from_tensor(framed, [64, 64]),
+                       "w_desc": TensorDescriptor.from_tensor(weight, [64, 64])}
+        if config:
+            _set_blocks({**descriptors, **config})
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
-        kernel[grid](framed, amax, weight, w_scale, w_scale if bias is None else bias, y, rows, height, width,
-                     framed.shape[1], c_out, HAS_BIAS=bias is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
-                     **config)
+        kernel[grid](descriptors["x_desc"], amax, descriptors["w_desc"], w_scale,
+                     w_scale if bias is None else bias, y, rows, height, width, framed.shape[1], c_out,
+                     HAS_BIAS=bias is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3, y: torch.Tensor,
                         block: tuple[int, int, int]) -> None:
@@ -99,15 +105,23 @@ if triton is not None:
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, y.shape[1],
                 y.shape[2], BM=bm, BN=bn, BK=bk, GROUP_M=2)
 
-    @triton_op("sccsdxl::shifted_conv_fp8", mutates_args=())
+    # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
+    @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")
     def _shifted_conv_gpu(framed: torch.Tensor, amax: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
                           bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int) -> torch.Tensor:
-        y = torch.empty((n_images, weight.shape[0], height, width), device=framed.device, dtype=torch.bfloat16,
-                        memory_format=torch.channels_last)
-        # channels_last: y's memory is the (N, H, W, C_out) rows the kernel writes
-        _launch(wrap_triton(_shifted_conv_kernel), framed, amax, weight, w_scale, bias if has_bias else None, y,
-                height, width)
+        y = _conv_output(framed, weight, n_images, height, width)
+        _launch(_shifted_conv_kernel, framed, amax, weight, w_scale, bias if has_bias else None, y, height, width)
         return y
+
+    @_shifted_conv_gpu.register_fake
+    def _shifted_conv_shape(framed, amax, weight, w_scale, bias, has_bias, n_images, height, width):
+        return _conv_output(framed, weight, n_images, height, width)
+
+    def _conv_output(framed: torch.Tensor, weight: torch.Tensor, n_images: int, height: int,
+                     width: int) -> torch.Tensor:
+        """bf16 (N, C_out, H, W) in channels_last memory: the (N, H, W, C_out) rows the kernel writes."""
+        return torch.empty((n_images, weight.shape[0], height, width), device=framed.device, dtype=torch.bfloat16,
+                           memory_format=torch.channels_last)
 
 
 def can_run(conv: torch.nn.Module) -> bool:

@@ -297,16 +297,27 @@ if triton is not None:
                         _normalize_framed_kernel.fn), x, shift, norm.weight, norm.bias, norm.num_groups, norm.eps,
                        framed, amax, blocks)
 
-    @triton_op("sccsdxl::group_norm_framed_fp8", mutates_args=())
+    # an opaque op, its torch calls run as written: inductor's code for zeroing the frame in place writes e4m3
+    # constants that Triton 3.6 cannot build (H200, session 18)
+    @torch.library.custom_op("sccsdxl::group_norm_framed_fp8", mutates_args=(), device_types="cuda")
     def _group_norm_framed_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,
                                bias: torch.Tensor, n_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        n_images, n_channels, height, width = x.shape
-        framed = torch.empty((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
-        zero_frame(framed, n_images, height, width)  # the kernel writes every image pixel
-        amax = torch.zeros((1,), device=x.device, dtype=torch.float32)
-        _launch_framed(tuple(wrap_triton(k) for k in _FRAMED_KERNELS), x, shift if has_shift else None, weight,
-                       bias, n_groups, eps, framed, amax)
+        framed, amax = _framed_outputs(x)
+        n_images, _, height, width = x.shape
+        zero_frame(framed.view(torch.uint8), n_images, height, width)  # the kernel writes every image pixel
+        amax.zero_()
+        _launch_framed(_FRAMED_KERNELS, x, shift if has_shift else None, weight, bias, n_groups, eps, framed, amax)
         return framed, amax
+
+    @_group_norm_framed_gpu.register_fake
+    def _group_norm_framed_shapes(x, shift, has_shift, weight, bias, n_groups, eps):
+        return _framed_outputs(x)
+
+    def _framed_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialized framed e4m3 rows for (N, C, H, W) ``x`` and its (1,) fp32 largest value."""
+        n_images, n_channels, height, width = x.shape
+        return (torch.empty((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8),
+                torch.empty((1,), device=x.device, dtype=torch.float32))
 
 
 def frame_rows(n_images: int, height: int, width: int) -> int:

@@ -56,7 +56,7 @@ OPTIONS: dict[str, str] = {
                          "kernels over channels_last memory (sccsdxl.group_norm)",
     "fp8_convs": "with fused_group_norms and fp8: the two 3x3 convolutions of each UNet ResNet block in fp8, their "
                  "input written by the GroupNorm + SiLU kernels in e4m3 with a zero frame, each convolution one GEMM "
-                 "over the framed rows (NVIDIA Ada/Hopper; sccsdxl.fp8_conv; not yet measured on a GPU)",
+                 "over the framed rows with TMA loads (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
     "vae_group_norms": "the VAE decoder in channels_last memory, the GroupNorms (with SiLU) of its ResNet blocks and "
                        "output as sccsdxl.group_norm's Triton kernels: no layout conversion around its convolutions",
     "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
@@ -165,6 +165,15 @@ def fp8_capable(device: str) -> bool:
     return arch.startswith("gfx94") or arch.startswith("gfx95") or (props.major, props.minor) >= (8, 9)
 
 
+def hopper_or_later(device: str) -> bool:
+    """NVIDIA compute capability >= 9.0: the TMA block loads fp8_convs' kernel is built on."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available() or torch.version.cuda is None:
+        return False
+    return torch.cuda.get_device_capability(0) >= (9, 0)
+
+
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
@@ -177,7 +186,7 @@ def supported_options(device: str) -> list[str]:
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
-            names += ["fp8_convs"] if triton_kernels else []
+            names += ["fp8_convs"] if triton_kernels and hopper_or_later(device) else []
     return names
 
 
@@ -240,9 +249,9 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.fp8_convs and not (opts.fused_group_norms and opts.fp8):
         problems.append("fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms "
                         "(with channels_last) and fp8")
-    elif opts.fp8_convs and not (_fused_kernel_available() and fp8_capable(device)):
-        problems.append(f"fp8_convs is a Triton kernel with e4m3 tiles: it needs an NVIDIA GPU with fp8 (compute "
-                        f"capability 8.9 or later); this run is on {device_name(device)}")
+    elif opts.fp8_convs and not (_fused_kernel_available() and hopper_or_later(device)):
+        problems.append(f"fp8_convs is a Triton kernel with e4m3 tiles and TMA loads: it needs an NVIDIA Hopper or "
+                        f"later GPU (compute capability 9.0); this run is on {device_name(device)}")
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")

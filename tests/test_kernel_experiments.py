@@ -32,10 +32,9 @@ def test_fp8_convolution_matches_cudnns_definition():
 def test_shifted_fp8_convolution_computes_the_convolution_of_its_e4m3_operands():
     rows = interpreted_rows("conv_shifted_fp8_h200.py")
     assert len(rows) == 2  # whole tiles, and partial row and channel tiles
-    for name, exact_error, fp8_error, kit_kernel in rows:
+    for name, exact_error, fp8_error in rows:
         assert float(exact_error) < 0.01, name  # shifted rows, the zero frame and guard, the stores: up to bf16 output
         assert float(fp8_error) < 0.06, name  # e4m3 activations (one scale) and weights (one per output channel)
-        assert float(kit_kernel) == 0, name  # sccsdxl.fp8_conv's kernel (plain loads): the same tiles, the same sums
 
 
 def test_fp8_attention_matches_scaled_dot_product_attention():

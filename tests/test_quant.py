@@ -61,7 +61,7 @@ def test_configuration_needs_a_dtype():
     ("fp8,fused_ffn_gemm", "bf16", "blockwise fp8 GEMM .* Hopper GPUs only"),
     ("nhwc_transformer_outputs", "bf16", "nhwc_transformer_outputs keeps .* add channels_last"),
     ("fp8_convs", "bf16", "fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms"),
-    ("channels_last,fused_group_norms,fp8,fp8_convs", "bf16", "fp8_convs is a Triton kernel .*compute capability 8.9"),
+    ("channels_last,fused_group_norms,fp8,fp8_convs", "bf16", "fp8_convs is a Triton kernel .*compute capability 9.0"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])

@@ -16,8 +16,8 @@ convolution of the dequantized e4m3 input and weights (exact up to the bf16 outp
 convolution of the same input (the fp8 error), then times cuDNN in bf16, conv_fp8_h200.py's kernel in fp8,
 sccsdxl.fp8_conv's, and framing + quantizing the input with torch (compiled). TFLOP/s count the image's outputs
 only. Then a ResNet block's GroupNorm + SiLU and convolution as fused_group_norms runs them (the norm kernels
-writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame zeroed, a pass for the largest value,
-the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
+writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame zeroed, the statistics with the largest
+value, the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
   python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_case(name, rows, size, c_in, c_out, *_, device, timed: bool) -> str:
 
 def block_times(x: torch.Tensor) -> dict[str, float]:
     """ms of a ResNet block's GroupNorm + SiLU as fused_group_norms runs it (bf16) and as fp8_convs does (e4m3 into
-    framed rows, their frame zeroed and a pass for the largest value first); ``x`` stands in for the norm's input."""
+    framed rows, their frame zeroed, the largest value from the statistics); ``x`` stands in for the norm's input."""
     norm = torch.nn.GroupNorm(32, x.shape[1]).to(x.device, torch.bfloat16)
     with torch.no_grad():
         return {"norm bf16": gpu_ms(lambda: G.group_norm(x, norm, silu=True)),

@@ -21,9 +21,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, ".")
 from sccsdxl import group_norm  # noqa: E402
 
-SIGNATURE = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "n_pixels": "i32",
-             "n_channels": "i32", "pixels_per_slice": "i32", "n_slices": "i32", "HAS_SHIFT": "constexpr",
-             "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+TYPES = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "low_ptr": "*fp32",
+         "high_ptr": "*fp32", "n_pixels": "i32", "n_channels": "i32", "pixels_per_slice": "i32", "n_slices": "i32"}
 TILES = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (128, 64, 8))  # (pixels, channels, warps)
 
 
@@ -82,9 +81,14 @@ def main() -> None:
           "PTX lines | ptxas |\n|---|---|---|---|---|---|---|")
     for name, module in kernels:
         for block_p, block_c, warps in TILES:
-            source = ASTSource(module._slice_statistics_kernel.fn, SIGNATURE,
-                               constexprs={"HAS_SHIFT": False, "BLOCK_P": block_p, "BLOCK_C": block_c},
-                               attrs={(i,): [["tt.divisibility", 16]] for i in range(8)})
+            kernel = module._slice_statistics_kernel.fn
+            # the arguments of the kernel at that revision (since session 18 it has EXTREMES, off here as in the
+            # plain GroupNorm)
+            signature = {name: TYPES.get(name, "constexpr") for name in kernel.arg_names}
+            constexprs = {"HAS_SHIFT": False, "EXTREMES": False, "BLOCK_P": block_p, "BLOCK_C": block_c}
+            source = ASTSource(kernel, signature, constexprs={k: v for k, v in constexprs.items() if k in signature},
+                               attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                                      if name in TYPES})
             ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                  options={"num_warps": warps, "num_stages": 3}).asm["ptx"]
             counts = loop_counts(ptx)

@@ -24,9 +24,9 @@ def statistics(x, per_slice: int, block_p: int, block_c: int, warps: int):
     means = torch.empty((n, n_slices, c), device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     grid = (n, n_slices, triton.cdiv(c, block_c))
-    return lambda: G._slice_statistics_kernel.fn[grid](x, x, means, m2s, h * w, c, per_slice, n_slices,
-                                                       HAS_SHIFT=False, BLOCK_P=block_p, BLOCK_C=block_c,
-                                                       num_warps=warps)
+    return lambda: G._slice_statistics_kernel.fn[grid](x, x, means, m2s, means, m2s, h * w, c, per_slice, n_slices,
+                                                       HAS_SHIFT=False, EXTREMES=False, BLOCK_P=block_p,
+                                                       BLOCK_C=block_c, num_warps=warps)
 
 
 def normalizing(x, norm, out, block_p: int, block_c: int, warps: int):

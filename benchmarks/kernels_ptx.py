@@ -3,7 +3,7 @@
 Triton compiles each autotuning configuration ahead of time for sm_90 and the ptxas it assembles with reports its
 registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
 TMA (cp.async.bulk.tensor) or cp.async loads: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
-sccsdxl.fp8_conv's convolution and conv_shifted_fp8_h200.py's TMA form of it. With a git revision, the LayerNorm
+sccsdxl.fp8_conv's convolution (TMA loads since session 18). With a git revision, the LayerNorm
 kernel as it was there is compiled too and compared configuration by configuration (BENCHMARKS.md, session 17).
 Arguments are pointer alignments as Triton's launcher specializes them (16-byte divisible). Runs on a CPU:
   python3 benchmarks/kernels_ptx.py [REVISION]      # from the repo root
@@ -16,7 +16,6 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-import conv_shifted_fp8_h200 as experiment  # noqa: E402
 from group_norm_ptx import module_at, ptxas_report  # noqa: E402
 
 from sccsdxl import fp8_conv, fused  # noqa: E402
@@ -88,27 +87,19 @@ def layer_norm_rows(revision: str | None) -> None:
 
 
 def convolution_rows() -> None:
-    kit = ["x_ptr", "amax_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "FRAMED", "H", "W", "C_IN", "C_OUT",
-           "HAS_BIAS", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
-    kit_types = {"x_ptr": "*fp8e4nv", "amax_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
-                 "bias_ptr": "*bf16", "y_ptr": "*bf16", "FRAMED": "i32", "H": "i32", "W": "i32", "C_IN": "i32",
-                 "C_OUT": "i32"}
-    tma = ["x_desc", "w_desc", "y_ptr", "scale_ptr", "bias_ptr", "FRAMED", "GUARD", "H", "W", "C_IN", "C_OUT",
-           "HAS_BIAS", "BM", "BN", "BK", "GROUP_M"]
+    names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "FRAMED", "H", "W", "C_IN", "C_OUT",
+             "HAS_BIAS", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
     for config in fp8_conv.configs():
         kw = config.kwargs
-        got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(kit, kit_types),
+        types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
+                 "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "y_ptr": "*bf16", **{n: "i32" for n in names[6:11]}}
+        got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
                        {"HAS_BIAS": True, "FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, **kw},
-                       (0, 1, 2, 3, 4, 5, 9, 10), config.num_warps, config.num_stages)
-        tma_types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>",
-                     "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "y_ptr": "*bf16",
-                     "scale_ptr": "*fp32", "bias_ptr": "*bf16", **{n: "i32" for n in tma[5:11]}}
-        with_tma = compiled(experiment._shifted_conv_kernel.fn, with_constants(tma, tma_types),
-                            {"HAS_BIAS": True, **kw}, (2, 3, 4, 9, 10), config.num_warps, config.num_stages)
+                       (1, 3, 4, 5, 9, 10), config.num_warps, config.num_stages)
         tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
-        print(f"| shifted convolution | {tile} | sccsdxl.fp8_conv: {got['ptxas']}, {got['wgmma']} wgmma, "
-              f"{got['cp.async']} cp.async | TMA form: {with_tma['ptxas']}, {with_tma['wgmma']} wgmma, "
-              f"{with_tma['TMA loads']} TMA loads |")
+        print(f"| shifted convolution (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "
+              f"{got['TMA loads']} TMA loads, {got['global stores']} global stores |")
 
 
 def main() -> None:
@@ -119,7 +110,7 @@ def main() -> None:
     print("|---|---|---|---|---|" + ("---|" if revision else ""))
     geglu_rows()
     layer_norm_rows(revision)
-    print("\n| kernel | tile | the kit's form | the TMA form |\n|---|---|---|---|")
+    print("\n| kernel | tile | ptxas | PTX |\n|---|---|---|---|")
     convolution_rows()
 
 

@@ -43,8 +43,10 @@ KINDS = (  # first match wins; names of cuBLAS, CUTLASS, cuDNN, flash and Triton
     ("fused geglu+fp8", ("geglu_fp8",)),  # sccsdxl.fused's kernel (its name has "fp8" in it)
     ("norm+fp8 rows", ("_layer_norm_fp8_rows_kernel",)),  # sccsdxl.fused's LayerNorm kernel (option fused_norms)
     ("fp8 rows", ("_fp8_rows_kernel",)),  # sccsdxl.fused's plain row kernel (option fp8_attn_out)
-    # sccsdxl.group_norm's three kernels (option fused_group_norms)
-    ("group norm kernels", ("_slice_statistics_kernel", "_group_statistics_kernel", "_normalize_kernel")),
+    # sccsdxl.group_norm's three kernels (option fused_group_norms), and the e4m3 framed write (fp8_convs)
+    ("group norm kernels", ("_slice_statistics_kernel", "_group_statistics_kernel", "_normalize_kernel",
+                            "_normalize_framed_kernel")),
+    ("conv fp8", ("_shifted_conv_kernel",)),  # sccsdxl.fp8_conv's kernel (option fp8_convs)
     ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
     ("gemm fp8", ("f8", "e4m3", "fp8", "qgemm", "qqtst")),  # nvjet_*_qqtst_*: cuBLAS fp8
     ("conv", ("conv", "fprop", "implicit", "winograd", "dgrad", "nhwc", "nchw")),

@@ -22,9 +22,11 @@ from .fused import FP8_MAX, MIN_SCALE, quantize_rows, triton
 from .group_norm import GroupNormResnetBlock, e4m3_scale, framed_interior, group_norm_framed_fp8
 
 # (BM, BN, BK, warps, stages): e4m3 tiles, up to 4 stages of 48 kB in shared memory; BK = 32 for input channels
-# that only 32 divides
+# that only 32 divides; BN = 64 with BK = 64 for the 320 level, whose 320 outputs leave a third 128-wide tile half
+# empty and whose input channels take only 64-wide steps
 TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 256, 64, 8, 4),
-         (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4))
+         (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4),
+         (128, 64, 64, 4, 4), (256, 64, 64, 8, 4))
 K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
 
 if triton is not None:

@@ -41,6 +41,7 @@ def group_norm_reference(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch
 
 if triton is not None:
     E4M3_MAX = tl.constexpr(FP8_MAX)  # the largest float8_e4m3fn value
+    SILU_MIN_AT, SILU_MIN = tl.constexpr(-1.2784645), tl.constexpr(-0.2784645)  # SiLU's minimum: where, and its value
 
     def _block_configs(blocks: tuple) -> list:
         """(pixels, channels, warps) per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
@@ -50,11 +51,14 @@ if triton is not None:
     STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
     NORMALIZE_BLOCKS = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4))
 
-    @triton.autotune(configs=_block_configs(STATISTICS_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @triton.autotune(configs=_block_configs(STATISTICS_BLOCKS),
+                     key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
     @triton.jit
-    def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, n_pixels, n_channels, pixels_per_slice,
-                                 n_slices, HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2).
+    def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, low_ptr, high_ptr, n_pixels, n_channels,
+                                 pixels_per_slice, n_slices, HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2), and
+        with EXTREMES the smallest and largest value (of x + shift).
 
         The sums run elementwise over the tile and are reduced across its pixels once, after the loop: a reduction
         across threads at every step held this kernel to 0.6-1.2 TB/s on the H200, where a channel sum reads 2.7-3.6
@@ -71,6 +75,9 @@ if triton is not None:
                         other=0.0).to(tl.float32)
         sums = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         squares = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        if EXTREMES:
+            lows = tl.full((BLOCK_P, BLOCK_C), float("inf"), dtype=tl.float32)
+            highs = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
         for start in range(first, end, BLOCK_P):
             pixels = start + tl.arange(0, BLOCK_P)
             mask = (pixels < end)[:, None] & channel_mask[None, :]
@@ -79,21 +86,29 @@ if triton is not None:
             deviation = tl.where(mask, tile - pivot[None, :], 0.0)
             sums += deviation
             squares += deviation * deviation
+            if EXTREMES:
+                lows = tl.minimum(lows, tl.where(mask, tile, float("inf")))
+                highs = tl.maximum(highs, tl.where(mask, tile, float("-inf")))
         count = (end - first).to(tl.float32)
         total = tl.sum(sums, axis=0)
-        mean = pivot + total / count
+        offset = tl.zeros((BLOCK_C,), dtype=tl.float32)
         if HAS_SHIFT:
-            mean += tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0).to(tl.float32)
+            offset += tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        mean = pivot + total / count + offset
         m2 = tl.maximum(tl.sum(squares, axis=0) - total * total / count, 0.0)
         out = (image * n_slices + part) * n_channels + channels
         tl.store(mean_ptr + out, mean, mask=channel_mask)
         tl.store(m2_ptr + out, m2, mask=channel_mask)
+        if EXTREMES:
+            tl.store(low_ptr + out, tl.min(lows, axis=0) + offset, mask=channel_mask)
+            tl.store(high_ptr + out, tl.max(highs, axis=0) + offset, mask=channel_mask)
 
     @triton.jit
     def _group_statistics_kernel(mean_ptr, m2_ptr, group_mean_ptr, group_rstd_ptr, n_pixels, n_channels,
-                                 pixels_per_slice, n_slices, n_groups, eps, BLOCK_S: tl.constexpr,
-                                 BLOCK_G: tl.constexpr):
-        """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std."""
+                                 pixels_per_slice, n_slices, n_groups, eps, low_ptr, high_ptr, weight_ptr, bias_ptr,
+                                 amax_ptr, EXTREMES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+        """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std; with EXTREMES the
+        group's largest |GroupNorm + SiLU| folded into the batch's (atomic max)."""
         image = tl.program_id(0).to(tl.int64)
         group = tl.program_id(1)
         per_group = n_channels // n_groups
@@ -109,8 +124,29 @@ if triton is not None:
         mean = tl.sum(tl.sum(means * counts, axis=1), axis=0) / total
         delta = tl.where(mask, means - mean, 0.0)
         m2 = tl.sum(tl.sum(m2s + delta * delta * counts, axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / total + eps)
         tl.store(group_mean_ptr + image * n_groups + group, mean)
-        tl.store(group_rstd_ptr + image * n_groups + group, 1.0 / tl.sqrt(m2 / total + eps))
+        tl.store(group_rstd_ptr + image * n_groups + group, rstd)
+        if EXTREMES:
+            channels = group * per_group + lanes
+            low = tl.min(tl.load(low_ptr + at, mask=mask, other=float("inf")), axis=0)
+            high = tl.max(tl.load(high_ptr + at, mask=mask, other=float("-inf")), axis=0)
+            lane_ok = lanes < per_group
+            scale = rstd * tl.load(weight_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
+            shift = tl.load(bias_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
+            tl.atomic_max(amax_ptr, tl.max(tl.where(lane_ok, _largest_silu(low, high, mean, scale, shift), 0.0)))
+
+    @triton.jit
+    def _largest_silu(low, high, mean, scale, shift):
+        """max |SiLU(v)| over v = (x - mean) * scale + shift for x in [low, high]: at an end of v's interval, or
+        at SiLU's minimum (-0.2785 at v = -1.2785) where the interval holds it. The normalizing pass rounds v to
+        x's dtype before SiLU, so its largest value may differ by that rounding (bf16: 0.4 %); it clamps to e4m3's
+        range."""
+        a = (low - mean) * scale + shift
+        b = (high - mean) * scale + shift
+        ends = tl.maximum(tl.abs(a * tl.sigmoid(a)), tl.abs(b * tl.sigmoid(b)))
+        holds_minimum = (tl.minimum(a, b) < SILU_MIN_AT) & (tl.maximum(a, b) > SILU_MIN_AT)
+        return tl.where(holds_minimum, tl.maximum(ends, -SILU_MIN), ends)
 
     @triton.jit
     def _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, image, pixels,
@@ -156,20 +192,6 @@ if triton is not None:
 
     @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
     @triton.jit
-    def _normalized_amax_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
-                                n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, BLOCK_P: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
-        """The largest |GroupNorm + SiLU| of a tile, folded into the batch's (atomic max over values >= 0): the
-        scale the framed e4m3 output is written with, exact, from one more read of x."""
-        image = tl.program_id(0).to(tl.int64)
-        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        out, mask, _ = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
-                                        image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, True)
-        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=1), axis=0))
-
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
-    @triton.jit
     def _normalize_framed_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
                                  out_ptr, n_pixels, n_channels, n_groups, width, guard, HAS_SHIFT: tl.constexpr,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, MIN_SCALE: tl.constexpr):
@@ -197,23 +219,28 @@ if triton is not None:
         return per_slice, triton.cdiv(n_pixels, per_slice)
 
     def _statistics(slice_kernel, group_kernel, x, shift, n_groups: int, eps: float,
-                    stat_config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each (image, group)'s mean (of x + shift) and 1 / std, from channels_last ``x`` (N, C, H, W)."""
+                    stat_config: dict | None = None, largest: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (image, group)'s mean (of x + shift) and 1 / std, from channels_last ``x`` (N, C, H, W). With
+        ``largest`` = (weight, bias, amax): the largest |GroupNorm + SiLU| folded into the zeroed (1,) ``amax``, from
+        each channel's smallest and largest value, with no pass of its own over x."""
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
         per_slice, n_slices = _slices(n_images, n_pixels, n_channels)
         means = torch.empty((n_images, n_slices, n_channels), device=x.device, dtype=torch.float32)
         m2s = torch.empty_like(means)
+        lows, highs = (torch.empty_like(means), torch.empty_like(means)) if largest else (means, m2s)
+        weight, bias, amax = largest or (means, means, means)
         group_mean = torch.empty((n_images, n_groups), device=x.device, dtype=torch.float32)
         group_rstd = torch.empty_like(group_mean)
         has_shift = shift is not None
         stat = stat_config or {}
         slice_kernel[_grid(n_images, n_slices, n_channels, stat, pixels=False)](
-            x, shift if has_shift else x, means, m2s, n_pixels, n_channels, per_slice, n_slices, HAS_SHIFT=has_shift,
-            **stat)
+            x, shift if has_shift else x, means, m2s, lows, highs, n_pixels, n_channels, per_slice, n_slices,
+            HAS_SHIFT=has_shift, EXTREMES=largest is not None, **stat)
         group_kernel[(n_images, n_groups)](
-            means, m2s, group_mean, group_rstd, n_pixels, n_channels, per_slice, n_slices, n_groups, eps,
-            BLOCK_S=triton.next_power_of_2(n_slices), BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
+            means, m2s, group_mean, group_rstd, n_pixels, n_channels, per_slice, n_slices, n_groups, eps, lows, highs,
+            weight, bias, amax, EXTREMES=largest is not None, BLOCK_S=triton.next_power_of_2(n_slices),
+            BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
         return group_mean, group_rstd
 
     def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
@@ -232,21 +259,19 @@ if triton is not None:
             HAS_SHIFT=has_shift, SILU=silu, FP8_OUT=out_scale is not None, **norm)
 
     def _launch_framed(kernels, x, shift, weight, bias, n_groups: int, eps: float, framed: torch.Tensor,
-                       amax: torch.Tensor, configs: tuple[dict, dict, dict] | None = None) -> None:
+                       amax: torch.Tensor, configs: tuple[dict, dict] | None = None) -> None:
         """GroupNorm + SiLU of channels_last ``x`` into the image pixels of ``framed`` rows (e4m3; the frame is
-        zero_frame's) and its largest |value| into the zeroed (1,) ``amax``: statistics, the largest value, then the
-        framed write."""
-        slice_kernel, group_kernel, amax_kernel, framed_kernel = kernels
-        stat, largest, write = configs or ({}, {}, {})
+        zero_frame's) and its largest |value| into the zeroed (1,) ``amax``: the statistics with the largest value,
+        then the framed write."""
+        slice_kernel, group_kernel, framed_kernel = kernels
+        stat, write = configs or ({}, {})
         n_images, n_channels, height, width = x.shape
-        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat)
+        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat,
+                                             (weight, bias, amax))
         has_shift = shift is not None
-        common = (x, shift if has_shift else x, group_mean, group_rstd, weight, bias)
-        amax_kernel[_grid(n_images, height * width, n_channels, largest, pixels=True)](
-            *common, amax, height * width, n_channels, n_groups, HAS_SHIFT=has_shift, **largest)
         framed_kernel[_grid(n_images, height * width, n_channels, write, pixels=True)](
-            *common, amax, framed, height * width, n_channels, n_groups, width, width + 3, HAS_SHIFT=has_shift,
-            MIN_SCALE=MIN_SCALE, **write)
+            x, shift if has_shift else x, group_mean, group_rstd, weight, bias, amax, framed, height * width,
+            n_channels, n_groups, width, width + 3, HAS_SHIFT=has_shift, MIN_SCALE=MIN_SCALE, **write)
 
     def _grid(n_images: int, rows: int, n_channels: int, config: dict, pixels: bool):
         """(image, slice or pixel block, channel block): from ``config`` when run directly, else the tuned one's."""
@@ -284,18 +309,16 @@ if triton is not None:
                 eps, silu, out)
         return out
 
-    _FRAMED_KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalized_amax_kernel,
-                       _normalize_framed_kernel)
+    _FRAMED_KERNELS = (_slice_statistics_kernel, _group_statistics_kernel, _normalize_framed_kernel)
 
     def run_framed_config(x: torch.Tensor, norm: torch.nn.GroupNorm, shift: torch.Tensor | None,
                           framed: torch.Tensor, amax: torch.Tensor, stat_block: tuple[int, ...],
                           normalize_block: tuple[int, ...]) -> None:
         """group_norm_framed_fp8's kernels with one configuration each, run directly, into ``framed`` (its frame
         zeroed: zero_frame) and zeroed ``amax``: for tests (Triton's interpreter) and benchmarks."""
-        blocks = (_direct_config(stat_block), _direct_config(normalize_block), _direct_config(normalize_block))
-        _launch_framed((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalized_amax_kernel.fn,
-                        _normalize_framed_kernel.fn), x, shift, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                       framed, amax, blocks)
+        _launch_framed((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_framed_kernel.fn), x, shift,
+                       norm.weight, norm.bias, norm.num_groups, norm.eps, framed, amax,
+                       (_direct_config(stat_block), _direct_config(normalize_block)))
 
     # an opaque op, its torch calls run as written: inductor's code for zeroing the frame in place writes e4m3
     # constants that Triton 3.6 cannot build (H200, session 18)

@@ -98,12 +98,14 @@ INTERPRETED = textwrap.dedent("""
     from sccsdxl import fp8_conv, group_norm as G
 
     torch.manual_seed(4)
-    # a shift and whole tiles; no shift, 3 images of 5 x 5 and partial row and channel tiles
-    for n, c, size, with_shift in ((2, 64, 6, True), (3, 96, 5, False)):
+    # a shift and whole tiles; no shift, 3 images of 5 x 5 and partial row and channel tiles; an affine that puts
+    # every value near SiLU's minimum (-0.2785 at -1.2785), where the largest |SiLU| lies inside the values' range
+    for n, c, size, with_shift, near_minimum in ((2, 64, 6, True, False), (3, 96, 5, False, False),
+                                                 (2, 64, 6, False, True)):
         norm = torch.nn.GroupNorm(32, c).to(torch.bfloat16)
         with torch.no_grad():
-            norm.weight.copy_(torch.rand(c) + 0.5)
-            norm.bias.copy_(torch.randn(c) * 0.1)
+            norm.weight.copy_(torch.full((c,), 0.3) if near_minimum else torch.rand(c) + 0.5)
+            norm.bias.copy_(torch.full((c,), -1.2785) if near_minimum else torch.randn(c) * 0.1)
         x = (torch.randn(n, c, size, size) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         shift = torch.randn(n, c).to(torch.bfloat16) if with_shift else None
         framed = torch.full((G.frame_rows(n, size, size), c), float("nan")).to(G.FP8)  # NaN where nothing is written
@@ -111,7 +113,7 @@ INTERPRETED = textwrap.dedent("""
         amax = torch.zeros(1)
         G.run_framed_config(x, norm, shift, framed, amax, (8, 64), (8, 32))
         exact = G.group_norm_reference(x, norm, shift, silu=True).float()
-        where = (n, c, size, with_shift)
+        where = (n, c, size, with_shift, near_minimum)
         # the interpreter rounds the norm to bf16 toward zero (the GPU to nearest) before SiLU
         assert abs(float(amax) - float(exact.abs().amax())) <= 0.02 * float(amax), where
         border = framed.float().clone()

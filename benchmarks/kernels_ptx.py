@@ -3,8 +3,9 @@
 Triton compiles each autotuning configuration ahead of time for sm_90 and the ptxas it assembles with reports its
 registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
 TMA (cp.async.bulk.tensor) or cp.async loads: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
-sccsdxl.fp8_conv's convolution (TMA loads since session 18). With a git revision, the LayerNorm
-kernel as it was there is compiled too and compared configuration by configuration (BENCHMARKS.md, session 17).
+sccsdxl.fp8_conv's convolution (TMA loads since session 18), also in its folded-upsampler form. With a git
+revision, the LayerNorm kernel as it was there is compiled too and compared configuration by configuration
+(BENCHMARKS.md, session 17).
 Arguments are pointer alignments as Triton's launcher specializes them (16-byte divisible). Runs on a CPU:
   python3 benchmarks/kernels_ptx.py [REVISION]      # from the repo root
 """
@@ -88,18 +89,21 @@ def layer_norm_rows(revision: str | None) -> None:
 
 def convolution_rows() -> None:
     names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "FRAMED", "H", "W", "C_IN", "C_OUT",
-             "HAS_BIAS", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
-    for config in fp8_conv.configs():
-        kw = config.kwargs
-        types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
-                 "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
-                 "bias_ptr": "*bf16", "y_ptr": "*bf16", **{n: "i32" for n in names[6:11]}}
-        got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
-                       {"HAS_BIAS": True, "FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, **kw},
-                       (1, 3, 4, 5, 9, 10), config.num_warps, config.num_stages)
-        tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
-        print(f"| shifted convolution (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "
-              f"{got['TMA loads']} TMA loads, {got['global stores']} global stores |")
+             "HAS_BIAS", "FOLDED", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
+    for folded in (False, True):  # fp8_convs' 3x3 convolutions; fp8_upsamplers' four phases
+        for config in fp8_conv.configs():
+            kw = config.kwargs
+            types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
+                     "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
+                     "bias_ptr": "*bf16", "y_ptr": "*bf16", **{n: "i32" for n in names[6:11]}}
+            got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
+                           {"HAS_BIAS": True, "FOLDED": folded, "FP8_MAX": fused.FP8_MAX,
+                            "MIN_SCALE": fused.MIN_SCALE, **kw}, (1, 3, 4, 5, 9, 10), config.num_warps,
+                           config.num_stages)
+            tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
+            print(f"| shifted convolution{', folded upsampler' if folded else ''} (TMA loads) | {tile} | "
+                  f"{got['ptxas']} | {got['wgmma']} wgmma, {got['TMA loads']} TMA loads, {got['global stores']} "
+                  f"global stores |")
 
 
 def main() -> None:

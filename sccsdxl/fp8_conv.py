@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8_MAX, MIN_SCALE, quantize_rows, triton
-from .group_norm import GroupNormResnetBlock, e4m3_scale, framed_interior, group_norm_framed_fp8
+from .fused import FP8_MAX, MIN_SCALE, quantize_rows, swap_modules, triton
+from .group_norm import GroupNormResnetBlock, e4m3_scale, frame_e4m3, framed_interior, group_norm_framed_fp8
+from .upsample import FoldedUpsample, fold_weight, interleave_phases
 
 # (BM, BN, BK, warps, stages): e4m3 tiles, up to 4 stages of 48 kB in shared memory; BK = 32 for input channels
 # that only 32 divides; BN = 64 with BK = 64 for the 320 level, whose 320 outputs leave a third 128-wide tile half
@@ -41,51 +42,80 @@ if triton is not None:
                               **extra) for bm, bn, bk, warps, stages in TILES]
 
     def fits(configs, named_args, **kwargs):
-        """Only channel steps that divide the input channels: a step must not run past one tap's channels."""
-        return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0]
+        """Only channel steps that divide the input channels: a step must not run past one tap's channels; for a
+        folded upsampler no 256-wide output tiles, whose interleaving stores spill registers
+        (benchmarks/kernels_ptx.py)."""
+        folded = named_args.get("FOLDED", kwargs.get("FOLDED", False))
+        return [c for c in configs
+                if named_args["C_IN"] % c.kwargs["BK"] == 0 and not (folded and c.kwargs["BN"] > 128)]
 
     def _set_blocks(args: dict) -> None:
         """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile)."""
         args["x_desc"].block_shape = [args["BM"], args["BK"]]
         args["w_desc"].block_shape = [args["BN"], args["BK"]]
 
-    @triton.autotune(configs=configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT"],
+    @triton.autotune(configs=configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED"],
                      prune_configs_by={"early_config_prune": fits})
     @triton.jit
     def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, FRAMED, H, W, C_IN, C_OUT,
-                             HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
-        one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch."""
+        one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
+        FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
+        the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
+        image, where a <= y < a + H and b <= x < b + W."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
         chunks = C_IN // BK
+        if FOLDED:
+            n_taps = 4
+        else:
+            n_taps = 9
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in tl.range(0, 9 * chunks):
+        for k in tl.range(0, n_taps * chunks):
             tap = k // chunks
             channel = (k - tap * chunks) * BK
-            a = x_desc.load([(W + 3) + pid_m * BM + (tap // 3 - 1) * (W + 2) + tap % 3 - 1, channel])
+            if FOLDED:
+                shift = (tap // 2) * (W + 2) + tap % 2
+            else:
+                shift = (tap // 3 - 1) * (W + 2) + tap % 3 - 1
+            a = x_desc.load([(W + 3) + pid_m * BM + shift, channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
             acc = tl.dot(a, b.T, acc)
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
         row, column = (q % per_image) // (W + 2), q % (W + 2)
-        inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
+        if not FOLDED:
+            inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < C_OUT
         x_scale = tl.maximum(tl.load(amax_ptr) / FP8_MAX, MIN_SCALE)
         out = acc * (x_scale * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0))[None, :]
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        pixel = ((image * H + row - 1) * W + column - 1).to(tl.int64)
-        tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
-                 mask=inside[:, None] & n_ok[None, :])
+        if FOLDED:
+            channels = C_OUT // 4
+            phase = rn // channels
+            a_row, b_column = (phase // 2)[None, :], (phase % 2)[None, :]
+            mask = ((q < FRAMED)[:, None] & n_ok[None, :] & (row[:, None] >= a_row) & (row[:, None] < a_row + H)
+                    & (column[:, None] >= b_column) & (column[:, None] < b_column + W))
+            pixel = (image[:, None] * (2 * H) + 2 * row[:, None] - a_row) * (2 * W) + 2 * column[:, None] - b_column
+            tl.store(y_ptr + pixel.to(tl.int64) * channels + (rn - phase * channels)[None, :],
+                     out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            pixel = ((image * H + row - 1) * W + column - 1).to(tl.int64)
+            tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
+                     mask=inside[:, None] & n_ok[None, :])
 
-    def _launch(kernel, framed, amax, weight, w_scale, bias, y, height: int, width: int, **config) -> None:
-        """Run ``kernel`` on ``framed`` rows into ``y``, whose memory holds (N, H, W, C_out) rows (NHWC-contiguous,
-        or NCHW channels_last); ``config``: one tile, run directly."""
+    def _launch(kernel, framed, amax, weight, w_scale, bias, y, height: int, width: int, folded: bool = False,
+                **config) -> None:
+        """Run ``kernel`` on ``framed`` rows of (height, width) images into ``y``, whose memory holds (N, H, W, C)
+        rows (NHWC-contiguous, or NCHW channels_last; with ``folded``, 2H x 2W and C_out / 4 channels);
+        ``config``: one tile, run directly."""
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
         # host-side TMA descriptors; their blocks are set per tile (a placeholder until then)
@@ -98,32 +128,38 @@ if triton is not None:
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
         kernel[grid](descriptors["x_desc"], amax, descriptors["w_desc"], w_scale,
                      w_scale if bias is None else bias, y, rows, height, width, framed.shape[1], c_out,
-                     HAS_BIAS=bias is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+                     HAS_BIAS=bias is not None, FOLDED=folded, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
-    def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3, y: torch.Tensor,
+    def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
                         block: tuple[int, int, int]) -> None:
         """The kernel with one (BM, BN, BK) tile, run directly into NHWC ``y``: for tests (Triton's interpreter)."""
         bm, bn, bk = block
-        _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, y.shape[1],
-                y.shape[2], BM=bm, BN=bn, BK=bk, GROUP_M=2)
+        folded = isinstance(conv, Fp8Upsample)
+        height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
+        _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
+                BM=bm, BN=bn, BK=bk, GROUP_M=2)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")
     def _shifted_conv_gpu(framed: torch.Tensor, amax: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int) -> torch.Tensor:
-        y = _conv_output(framed, weight, n_images, height, width)
-        _launch(_shifted_conv_kernel, framed, amax, weight, w_scale, bias if has_bias else None, y, height, width)
+                          bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int,
+                          folded: bool) -> torch.Tensor:
+        y = _conv_output(framed, weight, n_images, height, width, folded)
+        _launch(_shifted_conv_kernel, framed, amax, weight, w_scale, bias if has_bias else None, y, height, width,
+                folded)
         return y
 
     @_shifted_conv_gpu.register_fake
-    def _shifted_conv_shape(framed, amax, weight, w_scale, bias, has_bias, n_images, height, width):
-        return _conv_output(framed, weight, n_images, height, width)
+    def _shifted_conv_shape(framed, amax, weight, w_scale, bias, has_bias, n_images, height, width, folded):
+        return _conv_output(framed, weight, n_images, height, width, folded)
 
-    def _conv_output(framed: torch.Tensor, weight: torch.Tensor, n_images: int, height: int,
-                     width: int) -> torch.Tensor:
-        """bf16 (N, C_out, H, W) in channels_last memory: the (N, H, W, C_out) rows the kernel writes."""
-        return torch.empty((n_images, weight.shape[0], height, width), device=framed.device, dtype=torch.bfloat16,
-                           memory_format=torch.channels_last)
+    def _conv_output(framed: torch.Tensor, weight: torch.Tensor, n_images: int, height: int, width: int,
+                     folded: bool) -> torch.Tensor:
+        """bf16 (N, C_out, H, W) in channels_last memory: the (N, H, W, C_out) rows the kernel writes (folded: 2H x
+        2W and C_out / 4)."""
+        shape = ((n_images, weight.shape[0] // 4, 2 * height, 2 * width) if folded
+                 else (n_images, weight.shape[0], height, width))
+        return torch.empty(shape, device=framed.device, dtype=torch.bfloat16, memory_format=torch.channels_last)
 
 
 def can_run(conv: torch.nn.Module) -> bool:
@@ -131,6 +167,17 @@ def can_run(conv: torch.nn.Module) -> bool:
     return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and any(conv.in_channels % k == 0 for k in K_BLOCKS))
+
+
+def shifted_conv(module: Fp8Conv3x3 | Fp8Upsample, framed: torch.Tensor, amax: torch.Tensor, n_images: int,
+                 height: int, width: int, folded: bool) -> torch.Tensor:
+    """``module``'s e4m3 weights (and bias) over ``framed`` rows of (height, width) images: the kernel on a GPU, else
+    the module's reference sums."""
+    if framed.is_cuda and triton is not None:
+        bias = module.scale if module.bias is None else module.bias
+        return _shifted_conv_gpu(framed, amax, module.weight, module.scale, bias, module.bias is not None, n_images,
+                                 height, width, folded)
+    return module.reference(framed, amax, n_images, height, width)
 
 
 class Fp8Conv3x3(torch.nn.Module):
@@ -148,11 +195,7 @@ class Fp8Conv3x3(torch.nn.Module):
 
     def forward(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
                 width: int) -> torch.Tensor:
-        if framed.is_cuda and triton is not None:
-            bias = self.scale if self.bias is None else self.bias
-            return _shifted_conv_gpu(framed, amax, self.weight, self.scale, bias, self.bias is not None, n_images,
-                                     height, width)
-        return self.reference(framed, amax, n_images, height, width)
+        return shifted_conv(self, framed, amax, n_images, height, width, folded=False)
 
     def reference(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
                   width: int) -> torch.Tensor:
@@ -195,4 +238,48 @@ def fp8_resnet_convs(unet: torch.nn.Module) -> int:
                 setattr(parent, name, Fp8ConvResnetBlock(child))
                 swapped += 1
     return swapped
+
+
+class Fp8Upsample(torch.nn.Module):
+    """Stands in for a FoldedUpsample (folded_upsamplers or transposed_upsamplers): the 2x nearest upsample and 3x3
+    convolution as the four phases' 2x2 kernels (sccsdxl.upsample's fold_weight) in e4m3, one scale per output
+    channel, run as one GEMM over the small image's framed e4m3 rows (frame_e4m3) that writes the phases
+    interleaved into the large image."""
+
+    def __init__(self, upsample: FoldedUpsample):
+        super().__init__()
+        self.conv = upsample.conv  # the 3x3 convolution: for output sizes other than twice the input's
+        folded = fold_weight(self.conv.weight.detach().float())  # (4 out, in, 2, 2), phase-major
+        weight, scale = quantize_rows(folded.permute(0, 2, 3, 1).reshape(folded.shape[0], -1))
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).contiguous())
+        bias = self.conv.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().repeat(4), requires_grad=False)
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        n_images, _, height, width = hidden_states.shape
+        if output_size is not None and tuple(output_size) != (2 * height, 2 * width):
+            return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
+        framed, amax = frame_e4m3(hidden_states)
+        return shifted_conv(self, framed, amax, n_images, height, width, folded=True)
+
+    def reference(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
+                  width: int) -> torch.Tensor:
+        """The same sums in fp32 from the dequantized operands, in the convolution's dtype."""
+        x = framed_interior(framed, n_images, height, width).float() * e4m3_scale(amax)
+        weight = (self.weight.float() * self.scale[:, None]).reshape(self.weight.shape[0], 2, 2, -1)
+        bias = None if self.bias is None else self.bias.float()
+        phases = F.conv2d(x.permute(0, 3, 1, 2), weight.permute(0, 3, 1, 2), bias, padding=1)
+        out = interleave_phases(phases, height, width)
+        return out.to(self.conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def can_run_upsample(module: torch.nn.Module) -> bool:
+    """A FoldedUpsample whose input channels one of the kernel's steps divides."""
+    return type(module) is FoldedUpsample and any(module.conv.in_channels % k == 0 for k in K_BLOCKS)
+
+
+def fp8_upsamplers(root: torch.nn.Module) -> int:
+    """Swap every FoldedUpsample under ``root`` that can_run_upsample accepts for an Fp8Upsample; returns how many."""
+    return swap_modules(root, can_run_upsample, Fp8Upsample)
 

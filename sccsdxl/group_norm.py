@@ -202,6 +202,14 @@ if triton is not None:
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         out, mask, _ = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
                                         image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, True)
+        store_framed(out_ptr, out, mask, amax_ptr, image, pixels, channels, n_pixels, n_channels, width, guard,
+                     MIN_SCALE)
+
+    @triton.jit
+    def store_framed(out_ptr, out, mask, amax_ptr, image, pixels, channels, n_pixels, n_channels, width, guard,
+                     MIN_SCALE: tl.constexpr):
+        """A tile of one image's pixels (fp32) in e4m3, divided by the batch's scale (amax / 448), each pixel
+        written to its row of the zero-framed grid (frame_rows)."""
         scale = tl.maximum(tl.load(amax_ptr) / E4M3_MAX, MIN_SCALE)
         height = n_pixels // width
         rows = guard + image * (height + 2) * (width + 2) + (pixels // width + 1) * (width + 2) + pixels % width + 1
@@ -336,6 +344,43 @@ if triton is not None:
     def _group_norm_framed_shapes(x, shift, has_shift, weight, bias, n_groups, eps):
         return _framed_outputs(x)
 
+    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels"])
+    @triton.jit
+    def _frame_kernel(x_ptr, amax_ptr, out_ptr, n_pixels, n_channels, width, guard, BLOCK_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """A tile of one image's pixels and channels of channels_last x, in e4m3 into its framed rows."""
+        image = tl.program_id(0).to(tl.int64)
+        pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (pixels < n_pixels)[:, None] & (channels < n_channels)[None, :]
+        at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        store_framed(out_ptr, x, mask, amax_ptr, image, pixels, channels, n_pixels, n_channels, width, guard,
+                     MIN_SCALE)
+
+    def run_frame_config(x: torch.Tensor, framed: torch.Tensor, amax: torch.Tensor, block: tuple[int, int]) -> None:
+        """_frame_kernel with one (pixels, channels) block into ``framed`` (its frame zeroed), ``amax`` holding x's
+        largest |value|: for tests (Triton's interpreter)."""
+        n_images, n_channels, height, width = x.shape
+        config = _direct_config(block)
+        _frame_kernel.fn[_grid(n_images, height * width, n_channels, config, pixels=True)](
+            x, amax, framed, height * width, n_channels, width, width + 3, MIN_SCALE=MIN_SCALE, **config)
+
+    @torch.library.custom_op("sccsdxl::frame_e4m3", mutates_args=(), device_types="cuda")
+    def _frame_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        framed, amax = _framed_outputs(x)
+        n_images, n_channels, height, width = x.shape
+        zero_frame(framed.view(torch.uint8), n_images, height, width)
+        low, high = torch.aminmax(x)
+        amax.copy_(torch.maximum(low.abs(), high).float().reshape(1))
+        _frame_kernel[_grid(n_images, height * width, n_channels, {}, pixels=True)](
+            x, amax, framed, height * width, n_channels, width, width + 3, MIN_SCALE=MIN_SCALE)
+        return framed, amax
+
+    @_frame_gpu.register_fake
+    def _frame_shapes(x):
+        return _framed_outputs(x)
+
     def _framed_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialized framed e4m3 rows for (N, C, H, W) ``x`` and its (1,) fp32 largest value."""
         n_images, n_channels, height, width = x.shape
@@ -372,16 +417,30 @@ def e4m3_scale(amax: torch.Tensor) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
 
 
+def frame_e4m3_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """frame_e4m3 in torch: (N, C, H, W) ``x`` in e4m3 rows of the zero-framed grid, scaled by its largest |value|,
+    and that value."""
+    values = x.float()
+    n_images, n_channels, height, width = x.shape
+    amax = values.abs().amax().reshape(1)
+    framed = torch.zeros((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
+    scaled = (values / e4m3_scale(amax)).clamp(-FP8_MAX, FP8_MAX)
+    framed_interior(framed, n_images, height, width).copy_(scaled.permute(0, 2, 3, 1).to(FP8))
+    return framed, amax
+
+
+def frame_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) ``x`` as sccsdxl.fp8_conv reads it, where no GroupNorm comes before: e4m3 rows of the
+    zero-framed grid divided by one scale, and its largest |value| (1,) fp32 (a folded upsampler's input)."""
+    if x.is_cuda and triton is not None:
+        return _frame_gpu(x.contiguous(memory_format=torch.channels_last))
+    return frame_e4m3_reference(x)
+
+
 def group_norm_framed_fp8_reference(x: torch.Tensor, norm: torch.nn.GroupNorm,
                                     shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """group_norm_framed_fp8 in torch: GroupNorm + SiLU, scaled by its largest |value|."""
-    out = group_norm_reference(x, norm, shift, silu=True).float()
-    n_images, n_channels, height, width = x.shape
-    amax = out.abs().amax().reshape(1)
-    framed = torch.zeros((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
-    scaled = (out / e4m3_scale(amax)).clamp(-FP8_MAX, FP8_MAX)
-    framed_interior(framed, n_images, height, width).copy_(scaled.permute(0, 2, 3, 1).to(FP8))
-    return framed, amax
+    return frame_e4m3_reference(group_norm_reference(x, norm, shift, silu=True))
 
 
 def _kernel_inputs(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:

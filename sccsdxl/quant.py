@@ -59,6 +59,11 @@ OPTIONS: dict[str, str] = {
                  "over the framed rows with TMA loads (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
     "vae_group_norms": "the VAE decoder in channels_last memory, the GroupNorms (with SiLU) of its ResNet blocks and "
                        "output as sccsdxl.group_norm's Triton kernels: no layout conversion around its convolutions",
+    "fp8_upsamplers": "with fp8 and folded_upsamplers or transposed_upsamplers: the UNet's two upsamplers in fp8, "
+                      "their four phases' 2x2 kernels one GEMM over the small image's zero-framed e4m3 rows, written "
+                      "interleaved (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
+    "vae_fp8_convs": "with vae_group_norms, in bf16: the two 3x3 convolutions of each VAE decoder ResNet block in "
+                     "fp8, as fp8_convs runs the UNet's (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
     "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
                            "attention do not take) as two GEMMs and a softmax, a few images at a time, compiled "
                            "(sccsdxl.vae_attention)",
@@ -109,7 +114,9 @@ class Optimizations:
     fused_norms: bool = False
     fused_group_norms: bool = False
     fp8_convs: bool = False
+    fp8_upsamplers: bool = False
     vae_group_norms: bool = False
+    vae_fp8_convs: bool = False
     vae_attention_gemms: bool = False
     folded_upsamplers: bool = False
     transposed_upsamplers: bool = False
@@ -186,7 +193,8 @@ def supported_options(device: str) -> list[str]:
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
-            names += ["fp8_convs"] if triton_kernels and hopper_or_later(device) else []
+            names += (["fp8_convs", "fp8_upsamplers", "vae_fp8_convs"] if triton_kernels and hopper_or_later(device)
+                      else [])
     return names
 
 
@@ -200,6 +208,12 @@ def _blockwise_gemm_available() -> bool:
     from .ffn_gemm import blockwise_gemm_available
 
     return blockwise_gemm_available()
+
+
+def _needs_hopper(name: str, device: str) -> str:
+    """The refusal for an option built on sccsdxl.fp8_conv's kernel, which loads its tiles through TMA."""
+    return (f"{name} is a Triton kernel with e4m3 tiles and TMA loads: it needs an NVIDIA Hopper or later GPU "
+            f"(compute capability 9.0); this run is on {device_name(device)}")
 
 
 def _needs_triton(name: str) -> str:
@@ -250,8 +264,19 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms "
                         "(with channels_last) and fp8")
     elif opts.fp8_convs and not (_fused_kernel_available() and hopper_or_later(device)):
-        problems.append(f"fp8_convs is a Triton kernel with e4m3 tiles and TMA loads: it needs an NVIDIA Hopper or "
-                        f"later GPU (compute capability 9.0); this run is on {device_name(device)}")
+        problems.append(_needs_hopper("fp8_convs", device))
+    if opts.fp8_upsamplers and not ((opts.folded_upsamplers or opts.transposed_upsamplers) and opts.fp8):
+        problems.append("fp8_upsamplers runs the folded upsamplers' four phases in fp8: add folded_upsamplers (or "
+                        "transposed_upsamplers) and fp8")
+    elif opts.fp8_upsamplers and not (_fused_kernel_available() and hopper_or_later(device)):
+        problems.append(_needs_hopper("fp8_upsamplers", device))
+    if opts.vae_fp8_convs and not opts.vae_group_norms:
+        problems.append("vae_fp8_convs has the decoder's fused GroupNorm kernels write its fp8 input: add "
+                        "vae_group_norms")
+    elif opts.vae_fp8_convs and dtype != "bf16":
+        problems.append("vae_fp8_convs writes the convolutions' outputs in bf16: use the bf16 dtype")
+    elif opts.vae_fp8_convs and not (_fused_kernel_available() and hopper_or_later(device)):
+        problems.append(_needs_hopper("vae_fp8_convs", device))
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")
@@ -344,7 +369,7 @@ def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
     names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
-    samplers = {"Downsample2D", "Upsample2D", "FoldedUpsample"}
+    samplers = {"Downsample2D", "Upsample2D", "FoldedUpsample", "Fp8Upsample"}
     names |= {"ResnetBlock2D", "GroupNormResnetBlock", "Fp8ConvResnetBlock", "ConcatResnet"} | samplers \
         if resnets else set()
     options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
@@ -357,8 +382,8 @@ def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool =
 def compile_vae_regions(vae) -> int:
     """Regional compilation of the VAE decoder: each ResNet block, upsampler and (vae_attention_gemms) attention is
     compiled once per shape."""
-    return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Upsample2D", "FoldedUpsample",
-                                           "GemmAttention"})
+    return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Fp8ConvResnetBlock",
+                                           "Upsample2D", "FoldedUpsample", "GemmAttention"})
 
 
 @contextlib.contextmanager
@@ -457,6 +482,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         pipe.vae.decoder.to(memory_format=torch.channels_last)
         pipe.vae.decoder.register_forward_pre_hook(_input_in(torch.channels_last))
         info["vae_group_norms"] = fuse_group_norms(pipe.vae.decoder)
+    if opts.vae_fp8_convs:  # after vae_group_norms, whose blocks it takes; before compile_vae_regions
+        from .fp8_conv import fp8_resnet_convs
+
+        info["vae_fp8_convs"] = fp8_resnet_convs(pipe.vae.decoder)
     elif opts.channels_last:
         # the UNet's NHWC latents would make it NHWC
         pipe.vae.decoder.register_forward_pre_hook(_input_in(torch.contiguous_format))
@@ -472,6 +501,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         transposed = opts.transposed_upsamplers
         info["transposed_upsamplers" if transposed else "folded_upsamplers"] = (
             fold_upsamplers(pipe.unet, transposed) + fold_upsamplers(pipe.vae.decoder, transposed))
+    if opts.fp8_upsamplers:  # after the folding, whose UNet upsamplers it takes; before compile_regions
+        from .fp8_conv import fp8_upsamplers
+
+        info["fp8_upsamplers"] = fp8_upsamplers(pipe.unet)
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:

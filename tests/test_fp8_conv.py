@@ -82,6 +82,25 @@ def test_weights_are_e4m3_per_output_channel_in_tap_order():
     assert fp8_conv.Fp8Conv3x3(conv, with_bias=False).bias is None
 
 
+def test_upsample_computes_the_upsampler_within_the_fp8_error():
+    """On the CPU (the reference path): the upsample and convolution of diffusers' Upsample2D, each output phase
+    from the folded 2x2 kernels in e4m3; another output size takes the original path."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from sccsdxl.upsample import FoldedUpsample
+
+    torch.manual_seed(1)
+    upsample = Upsample2D(64, use_conv=True, out_channels=32).eval()
+    x = torch.randn(2, 64, 6, 5)
+    fp8 = fp8_conv.Fp8Upsample(FoldedUpsample(upsample))
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (4 * 32, 4 * 64)
+    with torch.no_grad():
+        assert relative_error(fp8(x), upsample(x)) < 0.06
+        assert torch.equal(fp8(x, output_size=(13, 11)), upsample(x, output_size=(13, 11)))
+    assert fp8_conv.can_run_upsample(FoldedUpsample(upsample))
+    assert not fp8_conv.can_run_upsample(FoldedUpsample(Upsample2D(40, use_conv=True)))  # no step divides 40
+
+
 def test_only_blocks_whose_convolutions_it_can_run_are_swapped():
     unet = torch.nn.Module()
     unet.ok = G.GroupNormResnetBlock(resnet_block(64, 64))
@@ -135,6 +154,27 @@ INTERPRETED = textwrap.dedent("""
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
             assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias)
+    # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
+    # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
+    from diffusers.models.upsampling import Upsample2D
+    from sccsdxl.upsample import FoldedUpsample
+
+    n, c, size = 3, 64, 5
+    x = (torch.randn(n, c, size, size) * 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    framed = torch.full((G.frame_rows(n, size, size), c), float("nan")).to(G.FP8)
+    G.zero_frame(framed, n, size, size)
+    amax = x.float().abs().amax().reshape(1)
+    G.run_frame_config(x, framed, amax, (8, 32))
+    reference, _ = G.frame_e4m3_reference(x)
+    assert not framed.float().isnan().any()  # every image pixel written, the frame zero
+    assert float((framed.float() - reference.float()).norm() / reference.float().norm()) < 0.1
+    up = fp8_conv.Fp8Upsample(FoldedUpsample(Upsample2D(c, use_conv=True, out_channels=24).to(torch.bfloat16)))
+    y = torch.full((n, 2 * size, 2 * size, 24), float("nan"), dtype=torch.bfloat16)
+    fp8_conv.run_conv_config(framed, amax, up, y, (16, 32, 32))
+    expected = up.reference(framed, amax, n, size, size).float()
+    got = y.permute(0, 3, 1, 2).float()
+    assert not got.isnan().any()  # every pixel of every phase written
+    assert float((got - expected).norm() / expected.norm()) < 0.01
     print("kernel ok")
 """)
 
@@ -145,9 +185,9 @@ def test_kernels_in_tritons_cpu_interpreter_write_the_frame_and_sum_the_shifted_
     assert_interpreted_ok(INTERPRETED)
 
 
-gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton is not None
-                              and torch.cuda.get_device_capability(0) >= (8, 9)),
-                         reason="the kernels need an NVIDIA GPU with fp8 (run on the H200: BENCHMARKS.md)")
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton is not None and torch.version.cuda
+                              and torch.cuda.get_device_capability(0) >= (9, 0)),
+                         reason="the kernels need an NVIDIA Hopper GPU or later (run on the H200: BENCHMARKS.md)")
 
 
 @gpu
@@ -169,3 +209,52 @@ def test_compiled_block_on_the_gpu_matches_its_reference(c_in, c_out, size):
     subtract = x.float() if c_in == c_out else 0
     assert relative_error(eager.float() - subtract, expected - subtract) < 0.06
     assert relative_error(compiled, eager) < 0.01
+
+
+@gpu
+def test_compiled_vae_decoder_with_fp8_convolutions_decodes_within_the_fp8_error():
+    """What apply_optimizations builds for compile_vae,vae_no_upcast,vae_group_norms,vae_fp8_convs on the GPU,
+    against the decoder as it was."""
+    from conftest import tiny_vae_decode
+
+    from sccsdxl.pipeline import build_random_pipeline
+    from sccsdxl.quant import apply_optimizations, parse_optimizations
+
+    pipe = build_random_pipeline("tiny", "bf16", "cuda")
+    decode = tiny_vae_decode(pipe, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = decode()
+        info = apply_optimizations(pipe, parse_optimizations("compile_vae,vae_no_upcast,vae_group_norms,"
+                                                             "vae_fp8_convs"))
+        after = decode()
+    assert info["vae_fp8_convs"] > 0 and info["compiled_vae_regions"] > 0
+    assert relative_error(after, before) < 0.12  # as on the CPU (test_quant): e4m3 through the swapped blocks
+
+
+@gpu
+@pytest.mark.parametrize("channels,size", [(1280, 32), (640, 64)])  # the UNet's two upsamplers' inputs
+def test_compiled_upsample_on_the_gpu_matches_the_folded_one(channels, size):
+    from diffusers.models.upsampling import Upsample2D
+
+    from sccsdxl.upsample import FoldedUpsample
+
+    torch.manual_seed(3)
+    upsample = Upsample2D(channels, use_conv=True).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
+    folded = FoldedUpsample(upsample, transposed=True)
+    fp8 = fp8_conv.Fp8Upsample(folded)
+    x = torch.randn(4, channels, size, size, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = folded(x)
+        framed, amax = G.frame_e4m3(x)
+        ref_framed, ref_amax = G.frame_e4m3_reference(x)
+        eager = fp8(x)
+        compiled = torch.compile(fp8, fullgraph=True)(x)
+        reference = fp8.reference(framed, amax, 4, size, size)
+    assert torch.equal(amax, ref_amax)
+    assert relative_error(framed.float(), ref_framed.float()) < 0.01
+    assert eager.shape == expected.shape and eager.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(eager, reference) < 0.01  # the kernel's sums: the reference's, up to the bf16 output
+    assert relative_error(eager, expected) < 0.06  # e4m3's rounding
+    assert relative_error(compiled, eager) < 0.01
+

@@ -88,22 +88,25 @@ def layer_norm_rows(revision: str | None) -> None:
 
 
 def convolution_rows() -> None:
-    names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "FRAMED", "H", "W", "C_IN", "C_OUT",
-             "HAS_BIAS", "FOLDED", "BM", "BN", "BK", "GROUP_M", "FP8_MAX", "MIN_SCALE"]
-    for folded in (False, True):  # fp8_convs' 3x3 convolutions; fp8_upsamplers' four phases
+    names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr", "residual_scale",
+             "FRAMED", "H", "W", "C_IN", "C_OUT", "HAS_BIAS", "FOLDED", "HAS_RESIDUAL", "BM", "BN", "BK", "GROUP_M",
+             "FP8_MAX", "MIN_SCALE"]
+    # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
+    # four phases
+    for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
         for config in fp8_conv.configs():
             kw = config.kwargs
             types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
                      "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
-                     "bias_ptr": "*bf16", "y_ptr": "*bf16", **{n: "i32" for n in names[6:11]}}
+                     "bias_ptr": "*bf16", "y_ptr": "*bf16", "residual_ptr": "*bf16", "residual_scale": "fp32",
+                     **{n: "i32" for n in names[8:13]}}
             got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
-                           {"HAS_BIAS": True, "FOLDED": folded, "FP8_MAX": fused.FP8_MAX,
-                            "MIN_SCALE": fused.MIN_SCALE, **kw}, (1, 3, 4, 5, 9, 10), config.num_warps,
+                           {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
+                            "MIN_SCALE": fused.MIN_SCALE, **kw}, (1, 3, 4, 5, 6, 11, 12), config.num_warps,
                            config.num_stages)
             tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
-            print(f"| shifted convolution{', folded upsampler' if folded else ''} (TMA loads) | {tile} | "
-                  f"{got['ptxas']} | {got['wgmma']} wgmma, {got['TMA loads']} TMA loads, {got['global stores']} "
-                  f"global stores |")
+            print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "
+                  f"{got['TMA loads']} TMA loads, {got['global stores']} global stores |")
 
 
 def main() -> None:

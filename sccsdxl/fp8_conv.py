@@ -15,6 +15,8 @@ configuration from 2.297 to 2.414 samples/s (BENCHMARKS.md, session 18).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,9 @@ TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (1
          (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4),
          (128, 64, 64, 4, 4), (256, 64, 64, 8, 4))
 K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
+# each ResNet block's residual add (and output scale) in its second convolution's epilogue; =1 keeps them apart, as
+# session 18 measured the option, for an A/B (read once, when the blocks are made)
+RESIDUAL_APART = os.environ.get("SCCSDXL_CONV_RESIDUAL_APART", "") not in ("", "0")
 
 if triton is not None:
     import triton.language as tl
@@ -43,28 +48,32 @@ if triton is not None:
 
     def fits(configs, named_args, **kwargs):
         """Only channel steps that divide the input channels: a step must not run past one tap's channels; for a
-        folded upsampler no 256-wide output tiles, whose interleaving stores spill registers
+        folded upsampler or a residual add no 256-wide output tiles, whose epilogues spill registers
         (benchmarks/kernels_ptx.py)."""
-        folded = named_args.get("FOLDED", kwargs.get("FOLDED", False))
+        def flag(name: str) -> bool:
+            return bool(named_args.get(name, kwargs.get(name, False)))
+        narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
         return [c for c in configs
-                if named_args["C_IN"] % c.kwargs["BK"] == 0 and not (folded and c.kwargs["BN"] > 128)]
+                if named_args["C_IN"] % c.kwargs["BK"] == 0 and not (narrow and c.kwargs["BN"] > 128)]
 
     def _set_blocks(args: dict) -> None:
         """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile)."""
         args["x_desc"].block_shape = [args["BM"], args["BK"]]
         args["w_desc"].block_shape = [args["BN"], args["BK"]]
 
-    @triton.autotune(configs=configs(pre_hook=_set_blocks), key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED"],
+    @triton.autotune(configs=configs(pre_hook=_set_blocks),
+                     key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED", "HAS_RESIDUAL"],
                      prune_configs_by={"early_config_prune": fits})
     @triton.jit
-    def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, FRAMED, H, W, C_IN, C_OUT,
-                             HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr,
-                             MIN_SCALE: tl.constexpr):
+    def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, residual_ptr, residual_scale,
+                             FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr,
+                             HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
+        HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
         the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
         image, where a <= y < a + H and b <= x < b + W."""
@@ -108,14 +117,19 @@ if triton is not None:
                      out.to(y_ptr.dtype.element_ty), mask=mask)
         else:
             pixel = ((image * H + row - 1) * W + column - 1).to(tl.int64)
+            if HAS_RESIDUAL:
+                residual = tl.load(residual_ptr + pixel[:, None] * C_OUT + rn[None, :],
+                                   mask=inside[:, None] & n_ok[None, :], other=0.0)
+                out = (out + residual.to(tl.float32)) * residual_scale
             tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
                      mask=inside[:, None] & n_ok[None, :])
 
     def _launch(kernel, framed, amax, weight, w_scale, bias, y, height: int, width: int, folded: bool = False,
-                **config) -> None:
+                residual: torch.Tensor | None = None, residual_scale: float = 1.0, **config) -> None:
         """Run ``kernel`` on ``framed`` rows of (height, width) images into ``y``, whose memory holds (N, H, W, C)
-        rows (NHWC-contiguous, or NCHW channels_last; with ``folded``, 2H x 2W and C_out / 4 channels);
-        ``config``: one tile, run directly."""
+        rows (NHWC-contiguous, or NCHW channels_last; with ``folded``, 2H x 2W and C_out / 4 channels), adding
+        ``residual`` (y's shape and memory layout) and scaling by ``residual_scale`` when one is given; ``config``:
+        one tile, run directly."""
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
         # host-side TMA descriptors; their blocks are set per tile (a placeholder until then)
@@ -127,30 +141,34 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
         kernel[grid](descriptors["x_desc"], amax, descriptors["w_desc"], w_scale,
-                     w_scale if bias is None else bias, y, rows, height, width, framed.shape[1], c_out,
-                     HAS_BIAS=bias is not None, FOLDED=folded, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+                     w_scale if bias is None else bias, y, y if residual is None else residual, residual_scale, rows,
+                     height, width, framed.shape[1], c_out, HAS_BIAS=bias is not None, FOLDED=folded,
+                     HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
-                        block: tuple[int, int, int]) -> None:
-        """The kernel with one (BM, BN, BK) tile, run directly into NHWC ``y``: for tests (Triton's interpreter)."""
+                        block: tuple[int, int, int], residual: torch.Tensor | None = None,
+                        residual_scale: float = 1.0) -> None:
+        """The kernel with one (BM, BN, BK) tile, run directly into NHWC ``y`` (adding NHWC ``residual``): for tests
+        (Triton's interpreter)."""
         bm, bn, bk = block
         folded = isinstance(conv, Fp8Upsample)
         height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
-                BM=bm, BN=bn, BK=bk, GROUP_M=2)
+                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")
     def _shifted_conv_gpu(framed: torch.Tensor, amax: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int,
-                          folded: bool) -> torch.Tensor:
+                          bias: torch.Tensor, has_bias: bool, n_images: int, height: int, width: int, folded: bool,
+                          residual: torch.Tensor | None, residual_scale: float) -> torch.Tensor:
         y = _conv_output(framed, weight, n_images, height, width, folded)
         _launch(_shifted_conv_kernel, framed, amax, weight, w_scale, bias if has_bias else None, y, height, width,
-                folded)
+                folded, residual, residual_scale)
         return y
 
     @_shifted_conv_gpu.register_fake
-    def _shifted_conv_shape(framed, amax, weight, w_scale, bias, has_bias, n_images, height, width, folded):
+    def _shifted_conv_shape(framed, amax, weight, w_scale, bias, has_bias, n_images, height, width, folded, residual,
+                            residual_scale):
         return _conv_output(framed, weight, n_images, height, width, folded)
 
     def _conv_output(framed: torch.Tensor, weight: torch.Tensor, n_images: int, height: int, width: int,
@@ -170,32 +188,42 @@ def can_run(conv: torch.nn.Module) -> bool:
 
 
 def shifted_conv(module: Fp8Conv3x3 | Fp8Upsample, framed: torch.Tensor, amax: torch.Tensor, n_images: int,
-                 height: int, width: int, folded: bool) -> torch.Tensor:
-    """``module``'s e4m3 weights (and bias) over ``framed`` rows of (height, width) images: the kernel on a GPU, else
-    the module's reference sums."""
+                 height: int, width: int, folded: bool, residual: torch.Tensor | None = None,
+                 residual_scale: float = 1.0) -> torch.Tensor:
+    """``module``'s e4m3 weights (and bias) over ``framed`` rows of (height, width) images, plus ``residual`` (the
+    output's shape) times ``residual_scale`` if given: the kernel on a GPU, else the module's reference sums."""
     if framed.is_cuda and triton is not None:
         bias = module.scale if module.bias is None else module.bias
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
         return _shifted_conv_gpu(framed, amax, module.weight, module.scale, bias, module.bias is not None, n_images,
-                                 height, width, folded)
-    return module.reference(framed, amax, n_images, height, width)
+                                 height, width, folded, residual, residual_scale)
+    out = module.reference(framed, amax, n_images, height, width)
+    if residual is None:
+        return out
+    return ((out.float() + residual.float()) * residual_scale).to(out.dtype)
 
 
 class Fp8Conv3x3(torch.nn.Module):
     """A 3x3 convolution's weights in e4m3, one scale per output channel (torchao's per-row quantization of the
     weight as (C_out, 9 C_in), taps before channels, as the kernel walks K), applied to framed e4m3 rows."""
 
-    def __init__(self, conv: torch.nn.Conv2d, with_bias: bool = True):
+    def __init__(self, conv: torch.nn.Conv2d, with_bias: bool = True, extra_bias: torch.Tensor | None = None):
         super().__init__()
         taps = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
         weight, scale = quantize_rows(taps)
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scale", scale.reshape(-1).contiguous())
-        self.bias = conv.bias if with_bias else None
+        bias = conv.bias if with_bias else None
+        if extra_bias is not None:  # another bias added to the same outputs (a ResNet block's shortcut's)
+            bias = torch.nn.Parameter((extra_bias if bias is None else bias + extra_bias).detach(),
+                                      requires_grad=False)
+        self.bias = bias
         self.out_dtype = conv.weight.dtype  # the kernel writes bf16, the only dtype fp8 runs with on a GPU
 
-    def forward(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
-                width: int) -> torch.Tensor:
-        return shifted_conv(self, framed, amax, n_images, height, width, folded=False)
+    def forward(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int, width: int,
+                residual: torch.Tensor | None = None, residual_scale: float = 1.0) -> torch.Tensor:
+        return shifted_conv(self, framed, amax, n_images, height, width, False, residual, residual_scale)
 
     def reference(self, framed: torch.Tensor, amax: torch.Tensor, n_images: int, height: int,
                   width: int) -> torch.Tensor:
@@ -215,17 +243,25 @@ class Fp8ConvResnetBlock(GroupNormResnetBlock):
 
     def __init__(self, block: GroupNormResnetBlock):
         super().__init__(block)  # the same norms, convolutions (for their biases), time projection and shortcut
-        # the first convolution's bias joins the second norm's shift (GroupNormResnetBlock._shift)
-        self.fp8_conv1, self.fp8_conv2 = Fp8Conv3x3(block.conv1, with_bias=False), Fp8Conv3x3(block.conv2)
+        self.residual_in_conv = not RESIDUAL_APART
+        # the first convolution's bias joins the second norm's shift (GroupNormResnetBlock._shift); with the residual
+        # in the second convolution's epilogue, the shortcut convolution's bias joins that convolution's
+        shortcut_bias = None if self.conv_shortcut is None or not self.residual_in_conv else self.conv_shortcut.bias
+        self.fp8_conv1 = Fp8Conv3x3(block.conv1, with_bias=False)
+        self.fp8_conv2 = Fp8Conv3x3(block.conv2, extra_bias=shortcut_bias)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         n_images, _, height, width = input_tensor.shape
         framed, amax = group_norm_framed_fp8(input_tensor, self.norm1)
         hidden = self.fp8_conv1(framed, amax, n_images, height, width)
         framed, amax = group_norm_framed_fp8(hidden, self.norm2, self._shift(temb, hidden))
-        hidden = self.fp8_conv2(framed, amax, n_images, height, width)
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden) / self.output_scale_factor
+        if not self.residual_in_conv:
+            hidden = self.fp8_conv2(framed, amax, n_images, height, width)
+            shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+            return (shortcut + hidden) / self.output_scale_factor
+        shortcut = input_tensor if self.conv_shortcut is None else \
+            self.conv_shortcut._conv_forward(input_tensor, self.conv_shortcut.weight, None)
+        return self.fp8_conv2(framed, amax, n_images, height, width, shortcut, 1.0 / self.output_scale_factor)
 
 
 def fp8_resnet_convs(unet: torch.nn.Module) -> int:

@@ -72,6 +72,20 @@ def test_block_computes_the_resnet_block_within_the_fp8_error(c_in, c_out):
     assert relative_error(got - x if c_in == c_out else got, expected - x if c_in == c_out else expected) < 0.06
 
 
+def test_the_residual_in_the_convolution_computes_what_the_add_after_it_does(monkeypatch):
+    """The block adds its shortcut (and the shortcut convolution's bias) in the second convolution's epilogue;
+    SCCSDXL_CONV_RESIDUAL_APART=1 keeps the add after it, as session 18 measured: the same sums."""
+    block = resnet_block(96, 64)
+    x, temb = torch.randn(2, 96, 6, 6), torch.randn(2, 32)
+    fused = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
+    monkeypatch.setattr(fp8_conv, "RESIDUAL_APART", True)
+    apart = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
+    assert fused.residual_in_conv and not apart.residual_in_conv
+    assert torch.allclose(fused.fp8_conv2.bias, block.conv2.bias + block.conv_shortcut.bias)
+    with torch.no_grad():
+        assert relative_error(fused(x, temb), apart(x, temb)) < 1e-5
+
+
 def test_weights_are_e4m3_per_output_channel_in_tap_order():
     conv = torch.nn.Conv2d(64, 40, 3, padding=1)
     fp8 = fp8_conv.Fp8Conv3x3(conv)
@@ -146,14 +160,17 @@ INTERPRETED = textwrap.dedent("""
         assert float((restored - exact.permute(0, 2, 3, 1)).norm() / exact.norm()) < 0.1, where
         # the convolution kernel on those rows, against the same sums of the dequantized operands
         conv = torch.nn.Conv2d(c, 40, 3, padding=1).to(torch.bfloat16)
-        for with_bias in (True, False):
+        residual = torch.randn(n, size, size, 40).to(torch.bfloat16)  # a ResNet block's shortcut, NHWC
+        for with_bias, with_residual in ((True, False), (False, False), (True, True)):
             fp8 = fp8_conv.Fp8Conv3x3(conv, with_bias=with_bias)
             y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
-            fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 32))
+            fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 32), residual if with_residual else None, 0.5)
             expected = fp8.reference(framed, amax, n, size, size).float()
+            if with_residual:
+                expected = (expected + residual.permute(0, 3, 1, 2).float()) * 0.5
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
-            assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias)
+            assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias, with_residual)
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D

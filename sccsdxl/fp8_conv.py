@@ -31,9 +31,9 @@ TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (1
          (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4),
          (128, 64, 64, 4, 4), (256, 64, 64, 8, 4))
 K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
-# each ResNet block's residual add (and output scale) in its second convolution's epilogue; =1 keeps them apart, as
-# session 18 measured the option, for an A/B (read once, when the blocks are made)
-RESIDUAL_APART = os.environ.get("SCCSDXL_CONV_RESIDUAL_APART", "") not in ("", "0")
+# each ResNet block's residual add (and output scale) in its second convolution's epilogue: built after session 18's
+# device time, so off unless =1, for the A/B against the option as measured (read once, when the blocks are made)
+RESIDUAL_IN_CONV = os.environ.get("SCCSDXL_CONV_RESIDUAL_IN_CONV", "") not in ("", "0")
 
 if triton is not None:
     import triton.language as tl
@@ -243,7 +243,7 @@ class Fp8ConvResnetBlock(GroupNormResnetBlock):
 
     def __init__(self, block: GroupNormResnetBlock):
         super().__init__(block)  # the same norms, convolutions (for their biases), time projection and shortcut
-        self.residual_in_conv = not RESIDUAL_APART
+        self.residual_in_conv = RESIDUAL_IN_CONV
         # the first convolution's bias joins the second norm's shift (GroupNormResnetBlock._shift); with the residual
         # in the second convolution's epilogue, the shortcut convolution's bias joins that convolution's
         shortcut_bias = None if self.conv_shortcut is None or not self.residual_in_conv else self.conv_shortcut.bias

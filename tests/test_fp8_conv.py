@@ -73,13 +73,13 @@ def test_block_computes_the_resnet_block_within_the_fp8_error(c_in, c_out):
 
 
 def test_the_residual_in_the_convolution_computes_what_the_add_after_it_does(monkeypatch):
-    """The block adds its shortcut (and the shortcut convolution's bias) in the second convolution's epilogue;
-    SCCSDXL_CONV_RESIDUAL_APART=1 keeps the add after it, as session 18 measured: the same sums."""
+    """With SCCSDXL_CONV_RESIDUAL_IN_CONV=1 the block adds its shortcut (and the shortcut convolution's bias) in the
+    second convolution's epilogue; without, after it, as session 18 measured: the same sums."""
     block = resnet_block(96, 64)
     x, temb = torch.randn(2, 96, 6, 6), torch.randn(2, 32)
-    fused = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
-    monkeypatch.setattr(fp8_conv, "RESIDUAL_APART", True)
     apart = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
+    monkeypatch.setattr(fp8_conv, "RESIDUAL_IN_CONV", True)
+    fused = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
     assert fused.residual_in_conv and not apart.residual_in_conv
     assert torch.allclose(fused.fp8_conv2.bias, block.conv2.bias + block.conv_shortcut.bias)
     with torch.no_grad():
@@ -208,8 +208,10 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and triton is not None a
 
 
 @gpu
+@pytest.mark.parametrize("residual_in_conv", [False, True])
 @pytest.mark.parametrize("c_in,c_out,size", [(640, 640, 32), (1920, 640, 32), (320, 320, 64)])
-def test_compiled_block_on_the_gpu_matches_its_reference(c_in, c_out, size):
+def test_compiled_block_on_the_gpu_matches_its_reference(c_in, c_out, size, residual_in_conv, monkeypatch):
+    monkeypatch.setattr(fp8_conv, "RESIDUAL_IN_CONV", residual_in_conv)
     block = resnet_block(c_in, c_out, temb=1280).to("cuda", torch.bfloat16).to(memory_format=torch.channels_last)
     fp8_block = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
     x = torch.randn(4, c_in, size, size, device="cuda", dtype=torch.bfloat16)

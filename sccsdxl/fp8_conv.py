@@ -180,11 +180,25 @@ if triton is not None:
         return torch.empty(shape, device=framed.device, dtype=torch.bfloat16, memory_format=torch.channels_last)
 
 
+def _steps_divide(in_channels: int) -> bool:
+    """Whether one of the kernel's channel steps divides a convolution's input channels."""
+    return any(in_channels % k == 0 for k in K_BLOCKS)
+
+
 def can_run(conv: torch.nn.Module) -> bool:
     """A plain 3x3 convolution, stride 1, padding 1, whose input channels one of the kernel's steps divides."""
     return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and any(conv.in_channels % k == 0 for k in K_BLOCKS))
+            and conv.padding_mode == "zeros" and _steps_divide(conv.in_channels))
+
+
+def _register_e4m3_taps(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """``module``'s buffers ``weight`` (C_out, taps x C_in) e4m3, taps before channels as the kernel walks K, and
+    ``scale`` (C_out,), one per output channel (torchao's per-row quantization), from (C_out, C_in, kh, kw)
+    ``weight``."""
+    taps, scale = quantize_rows(weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1))
+    module.register_buffer("weight", taps.contiguous())
+    module.register_buffer("scale", scale.reshape(-1).contiguous())
 
 
 def shifted_conv(module: Fp8Conv3x3 | Fp8Upsample, framed: torch.Tensor, amax: torch.Tensor, n_images: int,
@@ -210,10 +224,7 @@ class Fp8Conv3x3(torch.nn.Module):
 
     def __init__(self, conv: torch.nn.Conv2d, with_bias: bool = True, extra_bias: torch.Tensor | None = None):
         super().__init__()
-        taps = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
-        weight, scale = quantize_rows(taps)
-        self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("scale", scale.reshape(-1).contiguous())
+        _register_e4m3_taps(self, conv.weight.detach())
         bias = conv.bias if with_bias else None
         if extra_bias is not None:  # another bias added to the same outputs (a ResNet block's shortcut's)
             bias = torch.nn.Parameter((extra_bias if bias is None else bias + extra_bias).detach(),
@@ -267,13 +278,9 @@ class Fp8ConvResnetBlock(GroupNormResnetBlock):
 def fp8_resnet_convs(unet: torch.nn.Module) -> int:
     """Swap every GroupNormResnetBlock of the UNet (fused_group_norms) whose two convolutions can_run for an
     Fp8ConvResnetBlock; returns how many."""
-    swapped = 0
-    for parent in list(unet.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is GroupNormResnetBlock and can_run(child.conv1) and can_run(child.conv2):
-                setattr(parent, name, Fp8ConvResnetBlock(child))
-                swapped += 1
-    return swapped
+    def accept(module: torch.nn.Module) -> bool:
+        return type(module) is GroupNormResnetBlock and can_run(module.conv1) and can_run(module.conv2)
+    return swap_modules(unet, accept, Fp8ConvResnetBlock)
 
 
 class Fp8Upsample(torch.nn.Module):
@@ -285,10 +292,8 @@ class Fp8Upsample(torch.nn.Module):
     def __init__(self, upsample: FoldedUpsample):
         super().__init__()
         self.conv = upsample.conv  # the 3x3 convolution: for output sizes other than twice the input's
-        folded = fold_weight(self.conv.weight.detach().float())  # (4 out, in, 2, 2), phase-major
-        weight, scale = quantize_rows(folded.permute(0, 2, 3, 1).reshape(folded.shape[0], -1))
-        self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("scale", scale.reshape(-1).contiguous())
+        # the four phases' 2x2 kernels (4 out, in, 2, 2), phase-major, summed in fp32
+        _register_e4m3_taps(self, fold_weight(self.conv.weight.detach().float()))
         bias = self.conv.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().repeat(4), requires_grad=False)
 
@@ -312,7 +317,7 @@ class Fp8Upsample(torch.nn.Module):
 
 def can_run_upsample(module: torch.nn.Module) -> bool:
     """A FoldedUpsample whose input channels one of the kernel's steps divides."""
-    return type(module) is FoldedUpsample and any(module.conv.in_channels % k == 0 for k in K_BLOCKS)
+    return type(module) is FoldedUpsample and _steps_divide(module.conv.in_channels)
 
 
 def fp8_upsamplers(root: torch.nn.Module) -> int:

@@ -13,8 +13,9 @@ went from 611 to 589 ms with the first, padded version of it. Inside a whole bat
 inductor's plain GEGLU (no row reduction) moved about 3.3 in a profiled UNet forward (session 4). Its autotuning
 can also choose blocks of 2 or 4 rows per program (head + tail), the form of the LayerNorm kernel's fastest choices
 below (1.3-1.7x one row per program alone, session 17); SCCSDXL_ONE_ROW_GEGLU=1 in the environment leaves them out
-of its choices, for an A/B on one GPU in two processes. (A persistent form, each program loading its next row while it reduced the current one, was
-slower than the one-row pass at both widths and never chosen; BENCHMARKS.md, session 17.)
+of its choices, for an A/B on one GPU in two processes. (A persistent form, each program loading its next row
+while it reduced the current one, was slower than the one-row pass at both widths and never chosen; BENCHMARKS.md,
+session 17.)
 
 Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those

@@ -333,9 +333,7 @@ if triton is not None:
     @torch.library.custom_op("sccsdxl::group_norm_framed_fp8", mutates_args=(), device_types="cuda")
     def _group_norm_framed_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,
                                bias: torch.Tensor, n_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        framed, amax = _framed_outputs(x)
-        n_images, _, height, width = x.shape
-        zero_frame(framed.view(torch.uint8), n_images, height, width)  # the kernel writes every image pixel
+        framed, amax = _framed_outputs(x, zeroed_frame=True)
         amax.zero_()
         _launch_framed(_FRAMED_KERNELS, x, shift if has_shift else None, weight, bias, n_groups, eps, framed, amax)
         return framed, amax
@@ -368,9 +366,8 @@ if triton is not None:
 
     @torch.library.custom_op("sccsdxl::frame_e4m3", mutates_args=(), device_types="cuda")
     def _frame_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        framed, amax = _framed_outputs(x)
+        framed, amax = _framed_outputs(x, zeroed_frame=True)
         n_images, n_channels, height, width = x.shape
-        zero_frame(framed.view(torch.uint8), n_images, height, width)
         low, high = torch.aminmax(x)
         amax.copy_(torch.maximum(low.abs(), high).float().reshape(1))
         _frame_kernel[_grid(n_images, height * width, n_channels, {}, pixels=True)](
@@ -381,11 +378,14 @@ if triton is not None:
     def _frame_shapes(x):
         return _framed_outputs(x)
 
-    def _framed_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uninitialized framed e4m3 rows for (N, C, H, W) ``x`` and its (1,) fp32 largest value."""
+    def _framed_outputs(x: torch.Tensor, zeroed_frame: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Framed e4m3 rows for (N, C, H, W) ``x`` (uninitialized, or with the frame zeroed: the kernels write every
+        image pixel) and its (1,) fp32 largest value, uninitialized."""
         n_images, n_channels, height, width = x.shape
-        return (torch.empty((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8),
-                torch.empty((1,), device=x.device, dtype=torch.float32))
+        framed = torch.empty((frame_rows(n_images, height, width), n_channels), device=x.device, dtype=FP8)
+        if zeroed_frame:  # through a byte view: zeroing e4m3 in place is what Triton 3.6 could not compile
+            zero_frame(framed.view(torch.uint8), n_images, height, width)
+        return framed, torch.empty((1,), device=x.device, dtype=torch.float32)
 
 
 def frame_rows(n_images: int, height: int, width: int) -> int:

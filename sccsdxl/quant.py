@@ -193,8 +193,7 @@ def supported_options(device: str) -> list[str]:
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
-            names += (["fp8_convs", "fp8_upsamplers", "vae_fp8_convs"] if triton_kernels and hopper_or_later(device)
-                      else [])
+            names += ["fp8_convs", "fp8_upsamplers", "vae_fp8_convs"] if _fp8_conv_kernel_available(device) else []
     return names
 
 
@@ -208,6 +207,11 @@ def _blockwise_gemm_available() -> bool:
     from .ffn_gemm import blockwise_gemm_available
 
     return blockwise_gemm_available()
+
+
+def _fp8_conv_kernel_available(device: str) -> bool:
+    """sccsdxl.fp8_conv's kernel can run: Triton, and an NVIDIA Hopper or later GPU for its TMA loads."""
+    return _fused_kernel_available() and hopper_or_later(device)
 
 
 def _needs_hopper(name: str, device: str) -> str:
@@ -263,19 +267,19 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.fp8_convs and not (opts.fused_group_norms and opts.fp8):
         problems.append("fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms "
                         "(with channels_last) and fp8")
-    elif opts.fp8_convs and not (_fused_kernel_available() and hopper_or_later(device)):
+    elif opts.fp8_convs and not _fp8_conv_kernel_available(device):
         problems.append(_needs_hopper("fp8_convs", device))
     if opts.fp8_upsamplers and not ((opts.folded_upsamplers or opts.transposed_upsamplers) and opts.fp8):
         problems.append("fp8_upsamplers runs the folded upsamplers' four phases in fp8: add folded_upsamplers (or "
                         "transposed_upsamplers) and fp8")
-    elif opts.fp8_upsamplers and not (_fused_kernel_available() and hopper_or_later(device)):
+    elif opts.fp8_upsamplers and not _fp8_conv_kernel_available(device):
         problems.append(_needs_hopper("fp8_upsamplers", device))
     if opts.vae_fp8_convs and not opts.vae_group_norms:
         problems.append("vae_fp8_convs has the decoder's fused GroupNorm kernels write its fp8 input: add "
                         "vae_group_norms")
     elif opts.vae_fp8_convs and dtype != "bf16":
         problems.append("vae_fp8_convs writes the convolutions' outputs in bf16: use the bf16 dtype")
-    elif opts.vae_fp8_convs and not (_fused_kernel_available() and hopper_or_later(device)):
+    elif opts.vae_fp8_convs and not _fp8_conv_kernel_available(device):
         problems.append(_needs_hopper("vae_fp8_convs", device))
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "

@@ -73,9 +73,26 @@ def assert_interpreted_ok(code: str, timeout: int = 300) -> None:
     assert done.returncode == 0 and "kernel ok" in done.stdout, done.stderr[-2000:]
 
 
+def resnet_block(channels_in: int = 64, channels_out: int = 96, temb: int | None = 48, groups: int = 32,
+                 device: str = "cpu", dtype=None):
+    """A ResnetBlock2D as SDXL's UNet builds them (32 groups, a time embedding, a shortcut when widths differ), its
+    norms' affine parameters away from their 1 / 0 start, as trained ones are (and so that a swapped pair shows)."""
+    import torch
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=channels_in, out_channels=channels_out, temb_channels=temb, groups=groups).eval()
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+            norm.bias.copy_(torch.randn_like(norm.bias) * 0.1)
+    return block.to(device, dtype or torch.float32)
+
+
 def relative_error(test, reference) -> float:
     """||test - reference|| / ||reference||, in fp32: how the fused kernels' tests compare with their references."""
-    return float((test.float() - reference.float()).norm() / reference.float().norm())
+    test, reference = test.detach().float(), reference.detach().float()
+    return float((test - reference).norm() / reference.norm())
 
 
 def tiny_unet_inputs(unet, device: str = "cpu", dtype=None, seed: int = 1):

@@ -3,28 +3,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_interpreted_ok
+from conftest import assert_interpreted_ok, relative_error, resnet_block
 
 from sccsdxl import fp8_conv
 from sccsdxl import group_norm as G
 from sccsdxl.fused import triton
 
-diffusers_resnet = pytest.importorskip("diffusers.models.resnet")
-
-
-def resnet_block(c_in: int, c_out: int, temb: int | None = 32, groups: int = 32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    block = diffusers_resnet.ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=temb, groups=groups)
-    with torch.no_grad():  # affine norms away from 1 / 0, as trained ones are
-        for norm in (block.norm1, block.norm2):
-            norm.weight.copy_(torch.rand(norm.num_channels) + 0.5)
-            norm.bias.copy_(torch.randn(norm.num_channels) * 0.1)
-    return block.eval()
-
-
-def relative_error(test: torch.Tensor, reference: torch.Tensor) -> float:
-    test, reference = test.detach().float(), reference.detach().float()
-    return float((test - reference).norm() / reference.norm())
+pytest.importorskip("diffusers.models.resnet")
 
 
 def test_the_framed_grid_puts_each_pixel_behind_a_zero_frame_and_guard_rows():
@@ -46,7 +31,7 @@ def test_zero_frame_zeroes_all_but_the_image_pixels():
 
 
 def test_framed_e4m3_reference_scales_the_batch_by_its_largest_value():
-    norm = resnet_block(64, 64).norm1
+    norm = resnet_block(64, 64, temb=32).norm1
     x = torch.randn(3, 64, 5, 5) * torch.tensor([1.0, 10.0, 0.1])[:, None, None, None]  # normalized: alike
     framed, amax = G.group_norm_framed_fp8(x, norm)
     exact = G.group_norm_reference(x, norm, silu=True)
@@ -60,7 +45,7 @@ def test_framed_e4m3_reference_scales_the_batch_by_its_largest_value():
 @pytest.mark.parametrize("c_in,c_out", [(64, 64), (96, 64)])  # with a 1x1 shortcut when the widths differ
 def test_block_computes_the_resnet_block_within_the_fp8_error(c_in, c_out):
     """On the CPU (the reference path): the block's output against diffusers' ResnetBlock2D in fp32."""
-    block = resnet_block(c_in, c_out)
+    block = resnet_block(c_in, c_out, temb=32)
     x, temb = torch.randn(2, c_in, 6, 6), torch.randn(2, 32)
     fp8_block = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
     with torch.no_grad():
@@ -75,7 +60,7 @@ def test_block_computes_the_resnet_block_within_the_fp8_error(c_in, c_out):
 def test_the_residual_in_the_convolution_computes_what_the_add_after_it_does(monkeypatch):
     """With SCCSDXL_CONV_RESIDUAL_IN_CONV=1 the block adds its shortcut (and the shortcut convolution's bias) in the
     second convolution's epilogue; without, after it, as session 18 measured: the same sums."""
-    block = resnet_block(96, 64)
+    block = resnet_block(96, 64, temb=32)
     x, temb = torch.randn(2, 96, 6, 6), torch.randn(2, 32)
     apart = fp8_conv.Fp8ConvResnetBlock(G.GroupNormResnetBlock(block))
     monkeypatch.setattr(fp8_conv, "RESIDUAL_IN_CONV", True)
@@ -117,9 +102,9 @@ def test_upsample_computes_the_upsampler_within_the_fp8_error():
 
 def test_only_blocks_whose_convolutions_it_can_run_are_swapped():
     unet = torch.nn.Module()
-    unet.ok = G.GroupNormResnetBlock(resnet_block(64, 64))
-    unet.narrow = G.GroupNormResnetBlock(resnet_block(40, 40, groups=8))  # no channel step divides 40
-    unet.plain = resnet_block(64, 64)  # not fused_group_norms' block: left alone
+    unet.ok = G.GroupNormResnetBlock(resnet_block(64, 64, temb=32))
+    unet.narrow = G.GroupNormResnetBlock(resnet_block(40, 40, temb=32, groups=8))  # no channel step divides 40
+    unet.plain = resnet_block(64, 64, temb=32)  # not fused_group_norms' block: left alone
     assert fp8_conv.fp8_resnet_convs(unet) == 1
     assert type(unet.ok) is fp8_conv.Fp8ConvResnetBlock and type(unet.narrow) is G.GroupNormResnetBlock
     assert not fp8_conv.can_run(torch.nn.Conv2d(64, 64, 3, stride=2, padding=1))

@@ -16,20 +16,7 @@ from sccsdxl.errors import ParameterError
 from sccsdxl.pipeline import build_random_pipeline
 from sccsdxl.quant import check_optimizations, parse_optimizations
 
-from conftest import assert_interpreted_ok, relative_error, tiny_unet_call, tiny_vae_decode
-
-
-def resnet_block(channels_in: int = 64, channels_out: int = 96, device: str = "cpu", dtype=torch.float32):
-    """A ResnetBlock2D as SDXL's UNet builds them (32 groups, a time embedding, a shortcut when widths differ)."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    torch.manual_seed(0)
-    block = ResnetBlock2D(in_channels=channels_in, out_channels=channels_out, temb_channels=48, groups=32).eval()
-    with torch.no_grad():  # affine parameters away from their 1 / 0 start, so that a swapped pair would show
-        for norm in (block.norm1, block.norm2):
-            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
-            norm.bias.copy_(torch.randn_like(norm.bias) * 0.1)
-    return block.to(device, dtype)
+from conftest import assert_interpreted_ok, relative_error, resnet_block, tiny_unet_call, tiny_vae_decode
 
 
 def block_inputs(block, device: str = "cpu", dtype=torch.float32, size: int = 8):

@@ -31,9 +31,9 @@ TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (1
          (128, 128, 64, 8, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 32, 8, 4),
          (128, 64, 64, 4, 4), (256, 64, 64, 8, 4))
 K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
-# each ResNet block's residual add (and output scale) in its second convolution's epilogue: built after session 18's
-# device time, so off unless =1, for the A/B against the option as measured (read once, when the blocks are made)
-RESIDUAL_IN_CONV = os.environ.get("SCCSDXL_CONV_RESIDUAL_IN_CONV", "") not in ("", "0")
+# each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
+# output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
+RESIDUAL_IN_CONV = os.environ.get("SCCSDXL_CONV_RESIDUAL_IN_CONV", "1") != "0"
 
 if triton is not None:
     import triton.language as tl

@@ -37,7 +37,8 @@ OPTIONS: dict[str, str] = {
                     "wide, such as LayerNorm fused with fp8 row scales, and keeps the faster at the first call",
     "compile_vae": "torch.compile the VAE decoder's ResNet blocks and upsamplers (regional, cached on disk)",
     "vae_no_upcast": "decode in the model dtype instead of upcasting the VAE to fp32 (checked for NaN/black images)",
-    "vae_slicing": "decode one image at a time (less memory at large batch sizes)",
+    "vae_slicing": "decode one image at a time, or N with vae_slicing=N (less memory at large batch sizes; a few "
+                   "images per slice launch fewer kernels per image, which the decoder's fp8 kernels need)",
     "fp8": "torchao fp8 dynamic quantization of the UNet's wide linear layers, per-row scales (needs bf16, Hopper/Ada/MI300)",
     "int8": "torchao int8 dynamic quantization of the UNet's wide linear layers (Ampere and newer; needs compile)",
     "quant_all_linears": "with fp8/int8: quantize every linear of the transformer blocks, not only the wide ones",
@@ -104,7 +105,7 @@ class Optimizations:
     multi_kernel: bool = False
     compile_vae: bool = False
     vae_no_upcast: bool = False
-    vae_slicing: bool = False
+    vae_slicing: int = 0  # images per decoder call: 0 for the whole batch
     fp8: bool = False
     int8: bool = False
     quant_all_linears: bool = False
@@ -135,8 +136,13 @@ class Optimizations:
         return "fp8" if self.fp8 else "int8" if self.int8 else "none"
 
     def names(self) -> list[str]:
-        chosen = [f.name for f in fields(self) if f.name != "sdpa" and getattr(self, f.name)]
+        chosen = [self._named(f.name) for f in fields(self) if f.name != "sdpa" and getattr(self, f.name)]
         return chosen + ([f"sdpa={self.sdpa}"] if self.sdpa != "auto" else [])
+
+    def _named(self, name: str) -> str:
+        """A flag by its name; vae_slicing by its name for one image, as vae_slicing=N for N."""
+        value = getattr(self, name)
+        return name if value == 1 else f"{name}={value}"
 
     def __str__(self) -> str:
         return ",".join(self.names()) or "none"
@@ -153,12 +159,25 @@ def parse_optimizations(text: str) -> Optimizations:
             if backend not in SDPA_BACKENDS:
                 raise ParameterError(f"unknown SDPA backend {backend!r}", f"use sdpa= one of {', '.join(SDPA_BACKENDS)}")
             values["sdpa"] = backend
+        elif item.startswith("vae_slicing="):
+            values["vae_slicing"] = _images_per_slice(item.split("=", 1)[1])
+        elif item == "vae_slicing":
+            values["vae_slicing"] = 1
         elif item in OPTIONS:
             values[item] = True
         else:
             raise ParameterError(f"unknown optimization {item!r}",
-                                 f"use a comma-separated list of: {', '.join(OPTIONS)}, sdpa=<{'|'.join(SDPA_BACKENDS)}>")
+                                 f"use a comma-separated list of: {', '.join(OPTIONS)}, sdpa=<{'|'.join(SDPA_BACKENDS)}>, "
+                                 "vae_slicing=<images>")
     return Optimizations(**values)
+
+
+def _images_per_slice(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ParameterError(f"vae_slicing={text}: the images per decoder call must be a whole number from 1",
+                             "use vae_slicing=N with N >= 1, say 10 at batch 50 (a divisor of the batch size "
+                             "keeps every slice the same shape, so compile_vae compiles once)")
+    return int(text)
 
 
 def fp8_capable(device: str) -> bool:
@@ -444,6 +463,20 @@ def _new_cuda_graph_step(module, args):
     torch.compiler.cudagraph_mark_step_begin()
 
 
+def decode_in_slices(vae, images: int) -> None:
+    """Make ``vae.decode`` decode at most ``images`` latents per call to the decoder (diffusers' own slicing takes
+    one): the decoder's peak memory grows with the slice, not the batch."""
+    import torch
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    decode = vae.decode
+
+    def sliced(z, return_dict: bool = True, generator=None):
+        images_out = torch.cat([decode(part, return_dict=False)[0] for part in z.split(images)])
+        return DecoderOutput(sample=images_out) if return_dict else (images_out,)
+    vae.decode = sliced
+
+
 def _input_in(memory_format):
     """A forward pre-hook that hands its module the first input in ``memory_format`` (the VAE decoder its latents:
     NCHW, or channels_last with vae_group_norms)."""
@@ -512,7 +545,7 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:
-        pipe.vae.enable_slicing()
+        decode_in_slices(pipe.vae, opts.vae_slicing)
     if opts.fused_geglu:  # before quantize_: the up projection it keeps is quantized with the other wide linears
         from .fused import fuse_geglu_feed_forwards
 

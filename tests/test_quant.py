@@ -26,16 +26,23 @@ def test_option_strings_round_trip():
     assert str(quant.parse_optimizations("")) == "none"
     assert quant.parse_config("bf16:compile,fp8").name == "bf16:compile,fp8"
     assert quant.parse_config("fp16:").name == "fp16:"
+    sliced = quant.parse_optimizations("vae_slicing=10,fuse_qkv")
+    assert sliced.vae_slicing == 10 and str(sliced) == "fuse_qkv,vae_slicing=10"
+    assert quant.parse_optimizations(str(sliced)) == sliced
+    assert quant.parse_optimizations("vae_slicing").vae_slicing == 1 and str(quant.parse_optimizations("vae_slicing")) \
+        == "vae_slicing"
 
 
 @pytest.mark.parametrize("text,message", [
     ("fusedqkv", "unknown optimization 'fusedqkv'"),
     ("sdpa=xformers", "unknown SDPA backend 'xformers'"),
+    ("vae_slicing=0", "vae_slicing=0: the images per decoder call must be a whole number from 1"),
+    ("vae_slicing=ten", "vae_slicing=ten: the images per decoder call"),
 ])
 def test_unknown_options_list_the_known_ones(text, message):
     with pytest.raises(ParameterError, match=message) as err:
         quant.parse_optimizations(text)
-    assert "fuse_qkv" in err.value.fix or "flash" in err.value.fix
+    assert "fuse_qkv" in err.value.fix or "flash" in err.value.fix or "vae_slicing=N" in err.value.fix
 
 
 def test_configuration_needs_a_dtype():
@@ -85,6 +92,24 @@ def test_every_cpu_option_builds_and_keeps_the_images(tiny_runner, reference_ima
     assert runner.info["optimizations"] == options
     result = quant.compare_images(options, reference_images, runner.generate(PROMPTS))
     assert result.mean_psnr_db > 60 and not result.broken
+
+
+def test_vae_slicing_decodes_a_few_images_per_decoder_call_and_the_same_images():
+    """vae_slicing=N hands the decoder N latents at a time (the last slice what is left) and returns what one call
+    decodes; vae_slicing alone, one at a time, as diffusers' slicing did."""
+    pipe = build_random_pipeline("tiny", "fp32", "cpu")
+    latents = torch.randn(5, 4, 8, 8)
+    with torch.no_grad():
+        whole = pipe.vae.decode(latents, return_dict=False)[0]
+    for images, calls in ((2, [2, 2, 1]), (1, [1] * 5)):
+        pipe = build_random_pipeline("tiny", "fp32", "cpu")
+        quant.apply_optimizations(pipe, quant.parse_optimizations("vae_slicing" if images == 1 else
+                                                                  f"vae_slicing={images}"))
+        seen = []
+        pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        with torch.no_grad():
+            sliced = pipe.vae.decode(latents).sample
+        assert seen == calls and torch.allclose(sliced, whole, atol=1e-5)
 
 
 def test_regional_compilation_builds_on_the_cpu(tiny_runner, reference_images, tmp_path):

@@ -116,6 +116,12 @@ INTERPRETED = textwrap.dedent("""
     from sccsdxl import fp8_conv, group_norm as G
 
     torch.manual_seed(4)
+    # the frame-zeroing kernel against the torch form: non-square images, rows wider than its 128-byte steps
+    framed, expected = (torch.full((G.frame_rows(2, 3, 4), 200), float("nan")).to(G.FP8) for _ in range(2))
+    amax = torch.full((1,), float("nan"))
+    G.zero_frame_and_amax(framed, amax, 2, 3, 4)
+    G.zero_frame(expected, 2, 3, 4)
+    assert torch.equal(framed.view(torch.uint8), expected.view(torch.uint8)) and float(amax) == 0
     # a shift and whole tiles; no shift, 3 images of 5 x 5 and partial row and channel tiles; an affine that puts
     # every value near SiLU's minimum (-0.2785 at -1.2785), where the largest |SiLU| lies inside the values' range
     for n, c, size, with_shift, near_minimum in ((2, 64, 6, True, False), (3, 96, 5, False, False),
@@ -127,8 +133,9 @@ INTERPRETED = textwrap.dedent("""
         x = (torch.randn(n, c, size, size) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         shift = torch.randn(n, c).to(torch.bfloat16) if with_shift else None
         framed = torch.full((G.frame_rows(n, size, size), c), float("nan")).to(G.FP8)  # NaN where nothing is written
-        G.zero_frame(framed, n, size, size)
-        amax = torch.zeros(1)
+        amax = torch.full((1,), float("nan"))
+        G.zero_frame_and_amax(framed, amax, n, size, size)
+        assert float(amax) == 0 and G.framed_interior(framed, n, size, size).float().isnan().all(), where
         G.run_framed_config(x, norm, shift, framed, amax, (8, 64), (8, 32))
         exact = G.group_norm_reference(x, norm, shift, silu=True).float()
         where = (n, c, size, with_shift, near_minimum)

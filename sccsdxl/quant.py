@@ -173,6 +173,7 @@ def parse_optimizations(text: str) -> Optimizations:
 
 
 def _images_per_slice(text: str) -> int:
+    """vae_slicing=N's N, refused unless a whole number from 1."""
     if not text.isdigit() or int(text) < 1:
         raise ParameterError(f"vae_slicing={text}: the images per decoder call must be a whole number from 1",
                              "use vae_slicing=N with N >= 1, say 10 at batch 50 (a divisor of the batch size "

@@ -29,8 +29,8 @@ def test_option_strings_round_trip():
     sliced = quant.parse_optimizations("vae_slicing=10,fuse_qkv")
     assert sliced.vae_slicing == 10 and str(sliced) == "fuse_qkv,vae_slicing=10"
     assert quant.parse_optimizations(str(sliced)) == sliced
-    assert quant.parse_optimizations("vae_slicing").vae_slicing == 1 and str(quant.parse_optimizations("vae_slicing")) \
-        == "vae_slicing"
+    one_image = quant.parse_optimizations("vae_slicing")
+    assert one_image.vae_slicing == 1 and str(one_image) == "vae_slicing"
 
 
 @pytest.mark.parametrize("text,message", [

@@ -6,7 +6,10 @@ TMA (cp.async.bulk.tensor) or cp.async loads: sccsdxl.fused's GEGLU + fp8 and La
 sccsdxl.fp8_conv's convolution (TMA loads since session 18), also in its folded-upsampler form. With a git
 revision, the LayerNorm kernel as it was there is compiled too and compared configuration by configuration
 (BENCHMARKS.md, session 17).
-Arguments are pointer alignments as Triton's launcher specializes them (16-byte divisible). Runs on a CPU:
+Arguments are specialized as Triton's launcher specializes them at the UNet's shapes: pointers 16-byte aligned and
+integers divisible by 16 (the rows, widths and strides at batch 50). Before session 19 the row kernels' widths were
+left unspecialized here, so their loads and stores counted one element each where the launched kernels vectorize
+them (16 bytes). Runs on a CPU:
   python3 benchmarks/kernels_ptx.py [REVISION]      # from the repo root
 """
 import sys
@@ -48,7 +51,7 @@ def geglu_rows() -> None:
         for config in fused._configs():
             constants = {"BLOCK": triton.next_power_of_2(width), "HEAD": head, "TAIL": tail, "FP8_MAX": fused.FP8_MAX,
                          "MIN_SCALE": fused.MIN_SCALE, **config.kwargs}
-            got = compiled(fused._geglu_fp8_rows_kernel.fn, with_constants(names, types), constants, (0, 1, 2, 5, 6),
+            got = compiled(fused._geglu_fp8_rows_kernel.fn, with_constants(names, types), constants, range(7),
                            config.num_warps)
             print(f"| GEGLU + fp8, {width} | {config.kwargs}, {config.num_warps} warps | {got['ptxas']} | "
                   f"{got['global loads']} | {got['global stores']} |")
@@ -69,7 +72,7 @@ def layer_norm_rows(revision: str | None) -> None:
                              "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE,
                              **config.kwargs}
                 got = compiled(fused._layer_norm_fp8_rows_kernel.fn, with_constants(names, types), constants,
-                               range(7), config.num_warps)
+                               range(9), config.num_warps)
                 line = (f"| LayerNorm + fp8, {width}, residual {residual} | {config.kwargs}, {config.num_warps} warps"
                         f" | {got['ptxas']} | {got['global loads']} | {got['global stores']} |")
                 if old is not None:
@@ -77,7 +80,7 @@ def layer_norm_rows(revision: str | None) -> None:
                                             else [])
                     before = compiled(old._layer_norm_fp8_rows_kernel.fn, with_constants(before_names, types),
                                       {**constants, **({"PER_SM": 0} if "PER_SM" in before_names else {})},
-                                      range(7), config.num_warps)
+                                      range(9), config.num_warps)
                     agree = all(before[k] == got[k] for k in ("ptxas", "global loads", "global stores"))
                     same, total = same + agree, total + 1
                     line += f" {'same' if agree else 'differs: ' + before['ptxas']} at {revision} |"

@@ -2,7 +2,8 @@
 
 Triton compiles each autotuning configuration ahead of time for sm_90 and the ptxas it assembles with reports its
 registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
-TMA (cp.async.bulk.tensor) or cp.async loads: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
+TMA (cp.async.bulk.tensor) or cp.async loads, and for the GEGLU kernel its machine instructions (nvdisasm) per element
+each thread handles: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
 sccsdxl.fp8_conv's convolution (TMA loads since session 18), also in its folded-upsampler form. With a git
 revision, the LayerNorm kernel as it was there is compiled too and compared configuration by configuration
 (BENCHMARKS.md, session 17).
@@ -12,7 +13,11 @@ left unspecialized here, so their loads and stores counted one element each wher
 them (16 bytes). Runs on a CPU:
   python3 benchmarks/kernels_ptx.py [REVISION]      # from the repo root
 """
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -20,7 +25,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from group_norm_ptx import module_at, ptxas_report  # noqa: E402
+from group_norm_ptx import module_at, ptxas_path, ptxas_report  # noqa: E402
 
 from sccsdxl import fp8_conv, fused  # noqa: E402
 
@@ -35,7 +40,17 @@ def compiled(fn, signature: dict, constants: dict, aligned: tuple, warps: int, s
     ptx = kernel.asm["ptx"]
     return {"ptxas": ptxas_report(ptx), "global loads": ptx.count("ld.global"), "global stores": ptx.count("st.global"),
             "wgmma": ptx.count("wgmma.mma_async"), "TMA loads": ptx.count("cp.async.bulk.tensor"),
-            "cp.async": ptx.count("cp.async.cg")}
+            "cp.async": ptx.count("cp.async.cg"), "sass": sass_instructions(kernel.asm["cubin"])}
+
+
+def sass_instructions(cubin: bytes) -> int:
+    """Machine instructions in the compiled kernel (nvdisasm, beside ptxas), for the instruction-bound row kernels."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(cubin)
+    listing = subprocess.run([str(Path(ptxas_path()).with_name("nvdisasm")), "-c", fh.name], capture_output=True,
+                             text=True).stdout
+    return sum(1 for line in listing.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line)
+               and "NOP" not in line)
 
 
 def with_constants(names: list[str], types: dict) -> dict:
@@ -53,8 +68,12 @@ def geglu_rows() -> None:
                          "MIN_SCALE": fused.MIN_SCALE, **config.kwargs}
             got = compiled(fused._geglu_fp8_rows_kernel.fn, with_constants(names, types), constants, range(7),
                            config.num_warps)
-            print(f"| GEGLU + fp8, {width} | {config.kwargs}, {config.num_warps} warps | {got['ptxas']} | "
-                  f"{got['global loads']} | {got['global stores']} |")
+            kw = config.kwargs
+            held = kw["ROWS"] * (head + tail if kw["SPLIT"] else constants["BLOCK"]) / (32 * config.num_warps)
+            count = (f"{got['sass']} ({got['sass'] / held:.1f} per element held)" if kw["CHUNK"] == 0
+                     else f"{got['sass']} (loops over chunks)")
+            print(f"| GEGLU + fp8, {width} | {kw}, {config.num_warps} warps | {got['ptxas']} | "
+                  f"{got['global loads']} | {got['global stores']} | {count} |")
 
 
 def layer_norm_rows(revision: str | None) -> None:
@@ -115,10 +134,12 @@ def convolution_rows() -> None:
 def main() -> None:
     revision = sys.argv[1] if len(sys.argv) > 1 else None
     print(f"Triton {triton.__version__}, sm_90\n")
-    print("| kernel | configuration | ptxas | global loads | global stores |" + (" at the revision |" if revision
-                                                                                     else ""))
-    print("|---|---|---|---|---|" + ("---|" if revision else ""))
+    print("| kernel | configuration | ptxas | global loads | global stores | machine instructions |")
+    print("|---|---|---|---|---|---|")
     geglu_rows()
+    print("\n| kernel | configuration | ptxas | global loads | global stores |" + (" at the revision |" if revision
+                                                                                       else ""))
+    print("|---|---|---|---|---|" + ("---|" if revision else ""))
     layer_norm_rows(revision)
     print("\n| kernel | tile | ptxas | PTX |\n|---|---|---|---|")
     convolution_rows()

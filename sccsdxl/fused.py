@@ -15,7 +15,11 @@ can also choose blocks of 2 or 4 rows per program (head + tail), the form of the
 below (1.3-1.7x one row per program alone, session 17); SCCSDXL_ONE_ROW_GEGLU=1 in the environment leaves them out
 of its choices, for an A/B on one GPU in two processes. (A persistent form, each program loading its next row
 while it reduced the current one, was slower than the one-row pass at both widths and never chosen; BENCHMARKS.md,
-session 17.)
+session 17.) GELU's erf can be computed branch-free from Numerical Recipes' erfc approximation (one reciprocal, one
+exponential, nine FMAs): libdevice's erf branches per element, and with it the kernel compiled to 47 instructions per
+element for sm_90, by estimate about 1.5 s of instruction issue per batch of 50 at the power-capped clock of 1.6
+GHz, more than its memory traffic takes (session 19). Built after session 19's device time, it is off until a GPU
+has run it: SCCSDXL_BRANCH_FREE_ERF=1 in the environment turns it on (35 instructions per element), for the A/B.
 
 Option fp8_attn_out: each attention's output projection in fp8, its input (the attention's output, which no
 kernel of inductor's produces) quantized per row by a plain row kernel. With torchao quantizing those
@@ -44,6 +48,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (0/0 would make the whole row NaN)
 ONE_ROW_GEGLU = os.environ.get("SCCSDXL_ONE_ROW_GEGLU", "") not in ("", "0")  # read once, when the kernels are made
+BRANCH_FREE_ERF = os.environ.get("SCCSDXL_BRANCH_FREE_ERF", "") not in ("", "0")  # likewise
+# erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0: P's coefficients from t^0 up (Numerical Recipes' erfcc,
+# fractional error under 1.2e-7)
+ERFC_COEFFICIENTS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
+                     1.48851587, -0.82215223, 0.17087277)
 
 try:
     import triton
@@ -90,12 +99,56 @@ if triton is not None:
         head = 1 << (n_cols.bit_length() - 1)
         return head, triton.next_power_of_2(n_cols - head) if n_cols > head else 0
 
+    if not BRANCH_FREE_ERF:
+        @triton.jit
+        def _one_plus_erf(x):
+            """1 + erf(x), libdevice's erf."""
+            return 1.0 + tl.math.erf(x)
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = (tl.constexpr(c) for c in ERFC_COEFFICIENTS)
+
+        if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):  # the interpreter runs no PTX: its own functions
+            @triton.jit
+            def _reciprocal(x):
+                return 1.0 / x
+
+            @triton.jit
+            def _exp2(x):
+                return tl.exp2(x)
+        else:  # approximate, denormals flushed: the compiler's forms add range checks, a third of erfc's instructions
+            @triton.jit
+            def _reciprocal(x):
+                return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+
+            @triton.jit
+            def _exp2(x):
+                return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                                 is_pure=True, pack=1)
+
+        @triton.jit
+        def _one_plus_erf(x):
+            """1 + erf(x) = 2 - erfc(|x|) for x >= 0, erfc(|x|) below: no branch, and no cancellation for x << 0."""
+            z = tl.abs(x)
+            t = _reciprocal(1.0 + 0.5 * z)
+            p = c9 * t + c8
+            p = p * t + c7
+            p = p * t + c6
+            p = p * t + c5
+            p = p * t + c4
+            p = p * t + c3
+            p = p * t + c2
+            p = p * t + c1
+            p = p * t + c0
+            erfc = t * _exp2((p - z * z) * 1.4426950408889634)
+            return tl.where(x >= 0, 2.0 - erfc, erfc)
+
     @triton.jit
     def _gated(value, gate):
-        """value * GELU(gate) in fp32, GELU exact (erf), as diffusers' GEGLU."""
+        """value * GELU(gate) in fp32, GELU exact (with erf), as diffusers' GEGLU."""
         value = value.to(tl.float32)
         gate = gate.to(tl.float32)
-        return value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+        return value * (0.5 * gate * _one_plus_erf(gate * 0.7071067811865476))
 
     @triton.jit
     def _geglu(base, cols, mask, n_cols):

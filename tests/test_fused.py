@@ -283,9 +283,11 @@ INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(fused.triton is None or fused.available(),
                     reason="needs the triton package; on a GPU the tests below run the compiled kernel itself (older "
                            "Triton interpreters, e.g. with torch 2.11, cannot run it)")
-def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_columns():
-    """The Triton kernels themselves, run by Triton's interpreter on the CPU: indexing, masks and both strategies."""
-    assert_interpreted_ok(INTERPRETED)
+@pytest.mark.parametrize("branch_free_erf", ["0", "1"])
+def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_columns(branch_free_erf):
+    """The Triton kernels themselves, run by Triton's interpreter on the CPU: indexing, masks and both strategies,
+    GELU with libdevice's erf and with the branch-free erfc (its rcp and ex2 as the interpreter's own functions)."""
+    assert_interpreted_ok(f"import os\nos.environ['SCCSDXL_BRANCH_FREE_ERF'] = '{branch_free_erf}'\n" + INTERPRETED)
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
@@ -299,6 +301,20 @@ def test_the_geglu_kernels_row_blocks_can_be_left_out_for_an_a_b():
             for flag in ("0", "1")}
     assert set(runs["0"]) == {"1", "2", "4"} and set(runs["1"]) == {"1"}
     assert runs["0"].count("1") == len(runs["1"])  # the one-row choices are the same either way
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_branch_free_erf_is_chosen_by_the_environment_for_an_a_b():
+    """SCCSDXL_BRANCH_FREE_ERF=1 makes the GEGLU kernel's GELU use the branch-free erfc instead of libdevice's erf."""
+    import subprocess
+    import sys
+
+    source = ("import inspect; from sccsdxl import fused; "
+              "print('tl.math.erf(' in inspect.getsource(fused._one_plus_erf.fn))")
+    runs = {flag: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "SCCSDXL_BRANCH_FREE_ERF": flag}).stdout.split()[-1]
+            for flag in ("0", "1")}
+    assert runs == {"0": "True", "1": "False"}
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")

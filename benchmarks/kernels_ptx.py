@@ -2,8 +2,9 @@
 
 Triton compiles each autotuning configuration ahead of time for sm_90 and the ptxas it assembles with reports its
 registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
-TMA (cp.async.bulk.tensor) or cp.async loads, and for the GEGLU kernel its machine instructions (nvdisasm) per element
-each thread handles: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
+TMA (cp.async.bulk.tensor) or cp.async loads, and for the GEGLU kernel and the framed GroupNorm write their machine
+instructions (nvdisasm) per element each thread handles: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
+sccsdxl.group_norm's framed e4m3 write,
 sccsdxl.fp8_conv's convolution (TMA loads since session 18), also in its folded-upsampler form. With a git
 revision, the LayerNorm kernel as it was there is compiled too and compared configuration by configuration
 (BENCHMARKS.md, session 17).
@@ -27,7 +28,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from group_norm_ptx import module_at, ptxas_path, ptxas_report  # noqa: E402
 
-from sccsdxl import fp8_conv, fused  # noqa: E402
+from sccsdxl import fp8_conv, fused, group_norm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -109,6 +110,23 @@ def layer_norm_rows(revision: str | None) -> None:
               f"{same} of {total}")
 
 
+def group_norm_rows() -> None:
+    """The framed GroupNorm + SiLU write (fp8_convs' norm), each tile the tuning may choose, with a shift."""
+    kernel = group_norm._normalize_framed_kernel.fn
+    types = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "group_mean_ptr": "*fp32", "group_rstd_ptr": "*fp32",
+             "weight_ptr": "*bf16", "bias_ptr": "*bf16", "amax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+             "n_pixels": "i32", "n_channels": "i32", "n_groups": "i32", "width": "i32", "guard": "i32"}
+    aligned = [i for i, name in enumerate(kernel.arg_names) if name in types and name != "guard"]  # guard: W + 3
+    for pixels, channels, warps in group_norm.NORMALIZE_BLOCKS:
+        got = compiled(kernel, with_constants(kernel.arg_names, types),
+                       {"HAS_SHIFT": True, "BLOCK_P": pixels, "BLOCK_C": channels, "MIN_SCALE": fused.MIN_SCALE},
+                       aligned, warps)
+        held = pixels * channels / (32 * warps)
+        print(f"| GroupNorm + SiLU, framed e4m3 | {pixels} pixels x {channels} channels, {warps} warps | "
+              f"{got['ptxas']} | {got['global loads']} | {got['global stores']} | "
+              f"{got['sass']} ({got['sass'] / held:.1f} per element held) |")
+
+
 def convolution_rows() -> None:
     names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr", "residual_scale",
              "FRAMED", "H", "W", "C_IN", "C_OUT", "HAS_BIAS", "FOLDED", "HAS_RESIDUAL", "BM", "BN", "BK", "GROUP_M",
@@ -137,6 +155,7 @@ def main() -> None:
     print("| kernel | configuration | ptxas | global loads | global stores | machine instructions |")
     print("|---|---|---|---|---|---|")
     geglu_rows()
+    group_norm_rows()
     print("\n| kernel | configuration | ptxas | global loads | global stores |" + (" at the revision |" if revision
                                                                                        else ""))
     print("|---|---|---|---|---|" + ("---|" if revision else ""))

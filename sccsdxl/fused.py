@@ -99,6 +99,27 @@ if triton is not None:
         head = 1 << (n_cols.bit_length() - 1)
         return head, triton.next_power_of_2(n_cols - head) if n_cols > head else 0
 
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):  # the interpreter runs no PTX: its own functions
+        @triton.jit
+        def approx_reciprocal(x):
+            return 1.0 / x
+
+        @triton.jit
+        def approx_exp2(x):
+            return tl.exp2(x)
+    else:  # approximate, denormals flushed: the compiler's forms add range checks around each (ptxas, sm_90)
+        @triton.jit
+        def approx_reciprocal(x):
+            """1 / x in fp32 as one approximate PTX instruction (about 1 ulp)."""
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
+        @triton.jit
+        def approx_exp2(x):
+            """2 ** x in fp32 as one approximate PTX instruction (about 2 ulp, denormal results flushed to 0)."""
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
     if not BRANCH_FREE_ERF:
         @triton.jit
         def _one_plus_erf(x):
@@ -107,30 +128,11 @@ if triton is not None:
     else:
         c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = (tl.constexpr(c) for c in ERFC_COEFFICIENTS)
 
-        if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):  # the interpreter runs no PTX: its own functions
-            @triton.jit
-            def _reciprocal(x):
-                return 1.0 / x
-
-            @triton.jit
-            def _exp2(x):
-                return tl.exp2(x)
-        else:  # approximate, denormals flushed: the compiler's forms add range checks, a third of erfc's instructions
-            @triton.jit
-            def _reciprocal(x):
-                return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                                 is_pure=True, pack=1)
-
-            @triton.jit
-            def _exp2(x):
-                return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                                 is_pure=True, pack=1)
-
         @triton.jit
         def _one_plus_erf(x):
             """1 + erf(x) = 2 - erfc(|x|) for x >= 0, erfc(|x|) below: no branch, and no cancellation for x << 0."""
             z = tl.abs(x)
-            t = _reciprocal(1.0 + 0.5 * z)
+            t = approx_reciprocal(1.0 + 0.5 * z)
             p = c9 * t + c8
             p = p * t + c7
             p = p * t + c6
@@ -140,7 +142,7 @@ if triton is not None:
             p = p * t + c2
             p = p * t + c1
             p = p * t + c0
-            erfc = t * _exp2((p - z * z) * 1.4426950408889634)
+            erfc = t * approx_exp2((p - z * z) * 1.4426950408889634)
             return tl.where(x >= 0, 2.0 - erfc, erfc)
 
     @triton.jit

@@ -169,9 +169,11 @@ def test_the_tuning_choices_run_every_tile_of_each_kernel():
 
 @pytest.mark.skipif(fused.triton is None or fused.available(),
                     reason="needs the triton package; on a GPU the tests below run the compiled kernels themselves")
-def test_kernels_in_tritons_cpu_interpreter_normalize_each_group():
-    """The three kernels, run by Triton's interpreter on the CPU: slices, group merges, masks and the shift."""
-    assert_interpreted_ok(INTERPRETED, timeout=600)
+@pytest.mark.parametrize("fast_silu", ["0", "1"])
+def test_kernels_in_tritons_cpu_interpreter_normalize_each_group(fast_silu):
+    """The three kernels, run by Triton's interpreter on the CPU: slices, group merges, masks and the shift; SiLU
+    with the compiler's sigmoid and with SCCSDXL_FAST_SILU's (there its reciprocal and exp2 the interpreter's own)."""
+    assert_interpreted_ok(f"import os\nos.environ['SCCSDXL_FAST_SILU'] = '{fast_silu}'\n" + INTERPRETED, timeout=600)
 
 
 gpu = pytest.mark.skipif(not fused.available(), reason="the Triton kernels need a GPU (run on the H200: BENCHMARKS.md)")

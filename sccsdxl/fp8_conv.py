@@ -15,12 +15,10 @@ configuration from 2.297 to 2.414 samples/s (BENCHMARKS.md, session 18).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8_MAX, MIN_SCALE, quantize_rows, swap_modules, triton
+from .fused import FP8_MAX, MIN_SCALE, env_flag, quantize_rows, swap_modules, triton
 from .group_norm import GroupNormResnetBlock, e4m3_scale, frame_e4m3, framed_interior, group_norm_framed_fp8
 from .upsample import FoldedUpsample, fold_weight, interleave_phases
 
@@ -33,7 +31,7 @@ TILES = ((128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (1
 K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convolution's input channels
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
-RESIDUAL_IN_CONV = os.environ.get("SCCSDXL_CONV_RESIDUAL_IN_CONV", "1") != "0"
+RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
 
 if triton is not None:
     import triton.language as tl

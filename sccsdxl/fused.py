@@ -44,11 +44,19 @@ import os
 import torch
 import torch.nn.functional as F
 
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off switch from the environment (the kernels' A/B switches, Triton's interpreter): unset or empty gives
+    ``default``, "0" off, anything else on. Read once, when the kernels are made."""
+    value = os.environ.get(name, "")
+    return default if value == "" else value != "0"
+
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 MIN_SCALE = 1e-12  # an all-zero row gets this scale instead of 0 (0/0 would make the whole row NaN)
-ONE_ROW_GEGLU = os.environ.get("SCCSDXL_ONE_ROW_GEGLU", "") not in ("", "0")  # read once, when the kernels are made
-BRANCH_FREE_ERF = os.environ.get("SCCSDXL_BRANCH_FREE_ERF", "") not in ("", "0")  # likewise
+ONE_ROW_GEGLU = env_flag("SCCSDXL_ONE_ROW_GEGLU")
+BRANCH_FREE_ERF = env_flag("SCCSDXL_BRANCH_FREE_ERF")
 # erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0: P's coefficients from t^0 up (Numerical Recipes' erfcc,
 # fractional error under 1.2e-7)
 ERFC_COEFFICIENTS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
@@ -99,7 +107,7 @@ if triton is not None:
         head = 1 << (n_cols.bit_length() - 1)
         return head, triton.next_power_of_2(n_cols - head) if n_cols > head else 0
 
-    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):  # the interpreter runs no PTX: its own functions
+    if env_flag("TRITON_INTERPRET"):  # the interpreter runs no PTX: its own functions
         @triton.jit
         def approx_reciprocal(x):
             return 1.0 / x

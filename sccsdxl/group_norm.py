@@ -17,17 +17,15 @@ VAE decoder at 1024x1024 they took 191 ms of GroupNorm per 50 images where induc
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8, FP8_MAX, MIN_SCALE, triton
+from .fused import FP8, FP8_MAX, MIN_SCALE, env_flag, triton
 
 # SiLU's sigmoid from one approximate exp2 and one approximate reciprocal (sccsdxl.fused's) instead of the compiler's
 # exp and division with their range checks: the normalizing kernels ran 31-66 machine instructions per element for
 # sm_90, by estimate issue-bound at the power-capped clock (session 19). Off until a GPU has run it; =1 turns it on.
-FAST_SILU = os.environ.get("SCCSDXL_FAST_SILU", "") not in ("", "0")
+FAST_SILU = env_flag("SCCSDXL_FAST_SILU")
 
 if triton is not None:
     import triton.language as tl
@@ -450,7 +448,8 @@ def frame_rows(n_images: int, height: int, width: int) -> int:
 
 def zero_frame(framed: torch.Tensor, n_images: int, height: int, width: int) -> None:
     """Zero the guard rows and each image's border in framed rows, leaving the image pixels as they are: a few
-    percent of the buffer, where zeroing all of it would write it twice."""
+    percent of the buffer, where zeroing all of it would write it twice. The torch form of zero_frame_and_amax's
+    kernel, which the GPU path runs: tests check the kernel against it."""
     guard = width + 3
     framed[:guard].zero_()
     framed[-guard:].zero_()

@@ -39,7 +39,8 @@ def runs_of(spec: str, output_dir: str, batch: int, repeats: int, results: Path)
         result = run.result("performance")
         speeds.append(result["samples_per_second"])
         row = {"config": spec, "repeat": repeat, "batch_size": batch, "samples_per_second": speeds[-1],
-               "valid": result.get("valid"), "peak_gpu_bytes": result.get("peak_gpu_memory_bytes"),
+               "valid": result.get("valid"),
+               "switches": {k: v for k, v in os.environ.items() if k.startswith("SCCSDXL_")}, "peak_gpu_bytes": result.get("peak_gpu_memory_bytes"),
                "gpu_power": result.get("gpu_power"),
                "warmup_seconds": run.record["warmup_seconds"],
                "since_build_s": round(time.perf_counter() - started, 1), "run_dir": str(run.run_dir)}

@@ -327,7 +327,8 @@ def test_the_branch_free_erfs_gelu_is_the_exact_gelu_within_fp32_rounding():
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
 def test_the_branch_free_erf_is_chosen_by_the_environment_for_an_a_b():
-    """SCCSDXL_BRANCH_FREE_ERF=1 makes the GEGLU kernel's GELU use the branch-free erfc instead of libdevice's erf."""
+    """The GEGLU kernel's GELU uses the branch-free erfc by default (session 20); SCCSDXL_BRANCH_FREE_ERF=0 brings back
+    libdevice's erf."""
     import subprocess
     import sys
 
@@ -335,8 +336,8 @@ def test_the_branch_free_erf_is_chosen_by_the_environment_for_an_a_b():
               "print('tl.math.erf(' in inspect.getsource(fused._one_plus_erf.fn))")
     runs = {flag: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
                                  env={**os.environ, "SCCSDXL_BRANCH_FREE_ERF": flag}).stdout.split()[-1]
-            for flag in ("0", "1")}
-    assert runs == {"0": "True", "1": "False"}
+            for flag in ("", "0", "1")}
+    assert runs == {"": "False", "0": "True", "1": "False"}
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")

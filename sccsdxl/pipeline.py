@@ -129,7 +129,10 @@ def build_clip_tokenizers(cache_dir: Path | None = None):
 
     from transformers import CLIPTokenizer
 
-    directory = clip_tokenizer_files(Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="sccsdxl-bpe-")))
+    if cache_dir is None:  # the tokenizers read both files when made: a scratch copy is removed right after
+        with tempfile.TemporaryDirectory(prefix="sccsdxl-bpe-") as scratch:
+            return build_clip_tokenizers(Path(scratch))
+    directory = clip_tokenizer_files(Path(cache_dir))
     tokenizer = CLIPTokenizer.from_pretrained(str(directory), model_max_length=C.TOKENIZER_MAX_LENGTH)
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(directory), model_max_length=C.TOKENIZER_MAX_LENGTH, pad_token="!")
     return tokenizer, tokenizer_2

@@ -26,6 +26,16 @@ def test_tokenizers_are_clips_bpe_with_sdxls_padding(tokenizers):
     assert len(padded) == 77 and padded[11] == 49407 and padded2[11] == 0  # <|endoftext|> vs '!'
 
 
+def test_tokenizers_without_a_cache_dir_leave_no_files_behind(tmp_path, monkeypatch):
+    """Each pipeline built without a cache directory once left a 2 MB vocabulary copy in the temp folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tok, tok2 = P.build_clip_tokenizers()
+    assert tok(FIRST_CAPTION).input_ids[:3] == [49406, 320, 1305] and len(tok2) == 49408
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tokenizer_matches_open_clip(tokenizers):
     import open_clip
 

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8, FP8_MAX, MIN_SCALE, Fp8RowWeight, fp8_rows, is_geglu_feed_forward, swap_modules, triton
+from .fused import (FP8, FP8_MAX, MIN_SCALE, Fp8RowWeight, autotune, fp8_rows, is_geglu_feed_forward, swap_modules,
+                    triton)
 
 BLOCK = 128  # GEGLU columns that share one fp8 scale per row; weight blocks are BLOCK x BLOCK
 
@@ -120,7 +121,7 @@ if triton is not None:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
-    @triton.autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"],
+    @autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"],
                      prune_configs_by={"early_config_prune": _fits})
     @triton.jit
     def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,

@@ -72,6 +72,22 @@ except ImportError:  # CPU-only installs without Triton keep the reference path
     triton = None
 
 
+# each kernel's tuning timings kept in Triton's cache directory (TRITON_CACHE_DIR, else ~/.triton/cache), so that a
+# later process at the same shapes skips the timing and takes the same configuration; =0 times them in every process
+CACHE_TUNING = env_flag("SCCSDXL_CACHE_TUNING", default=True)
+
+
+def autotune(configs: list, key: list[str], **options):
+    """triton.autotune, with its cache_results on (CACHE_TUNING) where this Triton has it: a warm start then loads
+    each kernel's timings instead of timing every configuration again. Triton keeps nothing for configurations with
+    a pre-hook (sccsdxl.fp8_conv's): those are timed in every process."""
+    import inspect
+
+    if CACHE_TUNING and "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **options)
+
+
 def available() -> bool:
     """The fused kernel needs Triton and an NVIDIA GPU (it writes e4m3fn; MI300's fp8 matmuls take e4m3fnuz)."""
     return triton is not None and torch.cuda.is_available() and torch.version.hip is None
@@ -236,7 +252,7 @@ if triton is not None:
             tl.store(out_rows + tail_cols[None, :], quantized, mask=tail_mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
-    @triton.autotune(configs=_configs(), key=["n_cols"])
+    @autotune(configs=_configs(), key=["n_cols"])
     @triton.jit
     def _geglu_fp8_rows_kernel(hidden_ptr, out_ptr, scale_ptr, n_rows, n_cols, hidden_stride, out_stride,
                                BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, ROWS: tl.constexpr,
@@ -283,7 +299,7 @@ if triton is not None:
         """For kernels that hold ROWS whole rows (up to 1280 wide) per program: how many rows, how many warps."""
         return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)]
 
-    @triton.autotune(configs=_whole_row_configs(), key=["n_cols"])
+    @autotune(configs=_whole_row_configs(), key=["n_cols"])
     @triton.jit
     def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
                          ROWS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
@@ -398,7 +414,7 @@ if triton is not None:
             tl.store(out_ptr + rows[:, None] * n_cols + tail_cols[None, :], quantized, mask=tail_mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
-    @triton.autotune(configs=_layer_norm_configs(), key=["n_cols", "HAS_RESIDUAL"])
+    @autotune(configs=_layer_norm_configs(), key=["n_cols", "HAS_RESIDUAL"])
     @triton.jit
     def _layer_norm_fp8_rows_kernel(x_ptr, residual_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_rows,
                                     n_cols, eps, BLOCK: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,

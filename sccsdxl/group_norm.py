@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8, FP8_MAX, MIN_SCALE, env_flag, triton
+from .fused import FP8, FP8_MAX, MIN_SCALE, autotune, env_flag, triton
 
 # SiLU's sigmoid from one approximate exp2 and one approximate reciprocal (sccsdxl.fused's) instead of the compiler's
 # exp and division with their range checks: the normalizing kernels ran 31-66 machine instructions per element for
@@ -59,7 +59,7 @@ if triton is not None:
     STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
     NORMALIZE_BLOCKS = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4))
 
-    @triton.autotune(configs=_block_configs(STATISTICS_BLOCKS),
+    @autotune(configs=_block_configs(STATISTICS_BLOCKS),
                      key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
     @triton.jit
     def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, low_ptr, high_ptr, n_pixels, n_channels,
@@ -189,7 +189,7 @@ if triton is not None:
         def _silu(x):
             return x * tl.sigmoid(x)
 
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS),
+    @autotune(configs=_block_configs(NORMALIZE_BLOCKS),
                      key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU", "FP8_OUT"])
     @triton.jit
     def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
@@ -207,7 +207,7 @@ if triton is not None:
             out = tl.clamp(out / tl.load(out_scale_ptr), -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
     @triton.jit
     def _normalize_framed_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
                                  out_ptr, n_pixels, n_channels, n_groups, width, guard, HAS_SHIFT: tl.constexpr,
@@ -358,7 +358,7 @@ if triton is not None:
     def _group_norm_framed_shapes(x, shift, has_shift, weight, bias, n_groups, eps):
         return _framed_outputs(x)
 
-    @triton.autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels"])
+    @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels"])
     @triton.jit
     def _frame_kernel(x_ptr, amax_ptr, out_ptr, n_pixels, n_channels, width, guard, BLOCK_P: tl.constexpr,
                       BLOCK_C: tl.constexpr, MIN_SCALE: tl.constexpr):

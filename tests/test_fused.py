@@ -341,6 +341,22 @@ def test_the_branch_free_erf_is_chosen_by_the_environment_for_an_a_b():
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_kernels_tuning_is_kept_on_disk_unless_switched_off():
+    """The kit's autotuned kernels ask Triton to keep their timings (cache_results); SCCSDXL_CACHE_TUNING=0 does not."""
+    import subprocess
+    import sys
+
+    source = ("from sccsdxl import fused, group_norm; "
+              "print(fused._geglu_fp8_rows_kernel.cache_results, fused._layer_norm_fp8_rows_kernel.cache_results, "
+              "group_norm._normalize_framed_kernel.cache_results)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING")}
+    runs = {flag: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
+                                 env={**env, "SCCSDXL_CACHE_TUNING": flag}).stdout.split()
+            for flag in ("", "0")}
+    assert runs == {"": ["True"] * 3, "0": ["False"] * 3}
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
 def test_the_row_kernels_share_one_grid_given_or_chosen_by_the_autotuning():
     chosen = fused._row_grid(1000, {})  # no configuration given: a function of the autotuning's choice
     assert chosen({"ROWS": 4, "SPLIT": True}) == (250,) and chosen({"ROWS": 1, "CHUNK": 0}) == (1000,)
@@ -387,6 +403,26 @@ def test_row_kernel_matches_the_reference(n_cols):
         scales = torch.empty_like(ref_scales)
         fused.run_rows_config(matrix, values, scales, rows=config.kwargs["ROWS"], num_warps=config.num_warps)
         assert_close_to_reference(values, scales, ref_values, ref_scales)
+
+
+@gpu
+def test_a_second_process_takes_the_first_ones_kept_tuning(tmp_path):
+    """The first process times the GEGLU kernel's configurations and Triton keeps the timings in its cache directory;
+    a second process at the same width loads them (no "autotuning" line from Triton) and runs the same choice."""
+    import subprocess
+    import sys
+
+    source = ("import torch; from sccsdxl import fused; "
+              "fused.geglu_fp8_rows(torch.randn(256, 2 * 2560, device='cuda', dtype=torch.bfloat16)); "
+              "print('chosen', fused._geglu_fp8_rows_kernel.best_config)")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_PRINT_AUTOTUNING": "1"}
+    env.pop("SCCSDXL_CACHE_TUNING", None)
+    first, second = (subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
+                                    env=env).stdout for _ in range(2))
+    assert "Triton autotuning for function _geglu_fp8_rows_kernel" in first
+    assert "Triton autotuning" not in second
+    assert first.split("chosen")[-1] == second.split("chosen")[-1]
+    assert list(tmp_path.rglob("_geglu_fp8_rows_kernel.autotune.json"))
 
 
 @gpu

@@ -128,23 +128,25 @@ def group_norm_rows() -> None:
 
 
 def convolution_rows() -> None:
-    names = ["x_desc", "amax_ptr", "w_desc", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr", "residual_scale",
-             "FRAMED", "H", "W", "C_IN", "C_OUT", "HAS_BIAS", "FOLDED", "HAS_RESIDUAL", "BM", "BN", "BK", "GROUP_M",
-             "FP8_MAX", "MIN_SCALE"]
+    names = fp8_conv._shifted_conv_kernel.fn.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
-    # four phases
+    # four phases; each tile also with the half step ending each tap (TAIL, SCCSDXL_CONV_TAIL_STEPS=1)
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
-        for config in fp8_conv.configs():
+        for config in fp8_conv.configs(tail_steps=True):
             kw = config.kwargs
             types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
+                     "x_tail_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK'] // 2}]>",
                      "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
+                     "w_tail_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK'] // 2}]>",
                      "bias_ptr": "*bf16", "y_ptr": "*bf16", "residual_ptr": "*bf16", "residual_scale": "fp32",
-                     **{n: "i32" for n in names[8:13]}}
+                     **{n: "i32" for n in ("FRAMED", "H", "W", "C_IN", "C_OUT")}}
+            aligned = tuple(names.index(n) for n in ("amax_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr",
+                                                     "C_IN", "C_OUT"))
             got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
                            {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
-                            "MIN_SCALE": fused.MIN_SCALE, **kw}, (1, 3, 4, 5, 6, 11, 12), config.num_warps,
-                           config.num_stages)
-            tile = f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {config.num_stages} stages"
+                            "MIN_SCALE": fused.MIN_SCALE, **kw}, aligned, config.num_warps, config.num_stages)
+            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}{' + tail' if kw['TAIL'] else ''}, {config.num_warps} warps, "
+                    f"{config.num_stages} stages")
             print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "
                   f"{got['TMA loads']} TMA loads, {got['global stores']} global stores |")
 

@@ -32,6 +32,11 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
+# input channels that a 128-wide step does not divide (320 and 960: the 320 level ran at 760-890 TFLOP/s in 64-wide
+# steps where the others ran at 1,150-1,240 in 128-wide ones) may also be walked in wide steps and one half-width
+# step at the end of each tap (TAIL configurations, 320 = 2 x 128 + 64). Off until a GPU has run it; =1 adds them
+# to the tuning's choices (read once, when the kernel is made)
+TAIL_STEPS = env_flag("SCCSDXL_CONV_TAIL_STEPS")
 
 if triton is not None:
     import triton.language as tl
@@ -39,44 +44,71 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs(**extra) -> list:
-        """The tuning's choices, one per tile (``extra``: more Config arguments, such as a pre-hook)."""
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
-                              **extra) for bm, bn, bk, warps, stages in TILES]
+    def configs(tail_steps: bool | None = None, **extra) -> list:
+        """The tuning's choices, one per tile, and with ``tail_steps`` (TAIL_STEPS unless given) one more per tile
+        with 64- or 128-wide steps that ends each tap with a half step (``extra``: more Config arguments, such as a
+        pre-hook)."""
+        tails = (False, True) if (TAIL_STEPS if tail_steps is None else tail_steps) else (False,)
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "TAIL": tail}, num_warps=warps,
+                              num_stages=stages, **extra)
+                for bm, bn, bk, warps, stages in TILES for tail in tails if bk >= 64 or not tail]
+
+    def steps_fit(c_in: int, bk: int, tail: bool) -> bool:
+        """Whether steps of ``bk`` channels (and with ``tail``, one of bk / 2 at the end) walk exactly one tap's
+        ``c_in`` channels: a step must not run past them."""
+        return c_in % bk != 0 and c_in % (bk // 2) == 0 if tail else c_in % bk == 0
 
     def fits(configs, named_args, **kwargs):
-        """Only channel steps that divide the input channels: a step must not run past one tap's channels; for a
-        folded upsampler or a residual add no 256-wide output tiles, whose epilogues spill registers
-        (benchmarks/kernels_ptx.py)."""
+        """Only channel steps that walk the input channels exactly (steps_fit); for a folded upsampler or a residual
+        add no 256-wide output tiles, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
         def flag(name: str) -> bool:
             return bool(named_args.get(name, kwargs.get(name, False)))
         narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
-        return [c for c in configs
-                if named_args["C_IN"] % c.kwargs["BK"] == 0 and not (narrow and c.kwargs["BN"] > 128)]
+        return [c for c in configs if steps_fit(named_args["C_IN"], c.kwargs["BK"], c.kwargs["TAIL"])
+                and not (narrow and c.kwargs["BN"] > 128)]
 
     def _set_blocks(args: dict) -> None:
-        """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile)."""
+        """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile);
+        the tail's are half as wide."""
         args["x_desc"].block_shape = [args["BM"], args["BK"]]
         args["w_desc"].block_shape = [args["BN"], args["BK"]]
+        args["x_tail_desc"].block_shape = [args["BM"], args["BK"] // 2]
+        args["w_tail_desc"].block_shape = [args["BN"], args["BK"] // 2]
+
+    @triton.jit
+    def _tap_shift(tap, W, FOLDED: tl.constexpr):
+        """How many framed rows tap ``tap``'s input lies from the output pixel's (3x3 taps centred; a folded
+        upsampler's 2x2 taps from q down and right)."""
+        if FOLDED:
+            return (tap // 2) * (W + 2) + tap % 2
+        else:
+            return (tap // 3 - 1) * (W + 2) + tap % 3 - 1
 
     @triton.autotune(configs=configs(pre_hook=_set_blocks),
                      key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED", "HAS_RESIDUAL"],
                      prune_configs_by={"early_config_prune": fits})
     @triton.jit
-    def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, residual_ptr, residual_scale,
-                             FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr,
-                             HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    def _shifted_conv_kernel(x_desc, x_tail_desc, amax_ptr, w_desc, w_tail_desc, w_scale_ptr, bias_ptr, y_ptr,
+                             residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr,
+                             FOLDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                             TAIL: tl.constexpr = False):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
+        TAIL: each tap's channels in BK-wide steps up to the last multiple of BK, then one BK / 2-wide step (the
+        x_tail_desc and w_tail_desc blocks).
         HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
         the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
         image, where a <= y < a + H and b <= x < b + W."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
-        chunks = C_IN // BK
+        if TAIL:
+            wide = C_IN - C_IN % BK
+        else:
+            wide = C_IN
+        chunks = wide // BK
         if FOLDED:
             n_taps = 4
         else:
@@ -85,13 +117,14 @@ if triton is not None:
         for k in tl.range(0, n_taps * chunks):
             tap = k // chunks
             channel = (k - tap * chunks) * BK
-            if FOLDED:
-                shift = (tap // 2) * (W + 2) + tap % 2
-            else:
-                shift = (tap // 3 - 1) * (W + 2) + tap % 3 - 1
-            a = x_desc.load([(W + 3) + pid_m * BM + shift, channel])
+            a = x_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
             acc = tl.dot(a, b.T, acc)
+        if TAIL:
+            for tap in tl.range(0, n_taps):
+                a = x_tail_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), wide])
+                b = w_tail_desc.load([pid_n * BN, tap * C_IN + wide])
+                acc = tl.dot(a, b.T, acc)
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
@@ -131,28 +164,30 @@ if triton is not None:
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
         # host-side TMA descriptors; their blocks are set per tile (a placeholder until then)
-        descriptors = {"x_desc": TensorDescriptor.from_tensor(framed, [64, 64]),
-                       "w_desc": TensorDescriptor.from_tensor(weight, [64, 64])}
+        descriptors = {name: TensorDescriptor.from_tensor(tensor, [64, 64]) for name, tensor in
+                       (("x_desc", framed), ("x_tail_desc", framed), ("w_desc", weight), ("w_tail_desc", weight))}
         if config:
             _set_blocks({**descriptors, **config})
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
-        kernel[grid](descriptors["x_desc"], amax, descriptors["w_desc"], w_scale,
+        kernel[grid](descriptors["x_desc"], descriptors["x_tail_desc"], amax, descriptors["w_desc"],
+                     descriptors["w_tail_desc"], w_scale,
                      w_scale if bias is None else bias, y, y if residual is None else residual, residual_scale, rows,
                      height, width, framed.shape[1], c_out, HAS_BIAS=bias is not None, FOLDED=folded,
                      HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
                         block: tuple[int, int, int], residual: torch.Tensor | None = None,
-                        residual_scale: float = 1.0) -> None:
-        """The kernel with one (BM, BN, BK) tile, run directly into NHWC ``y`` (adding NHWC ``residual``): for tests
-        (Triton's interpreter)."""
+                        residual_scale: float = 1.0, tail: bool = False, **launch) -> None:
+        """The kernel with one (BM, BN, BK) tile (and ``tail``: a half step ending each tap), run directly into NHWC
+        ``y`` (adding NHWC ``residual``): for tests (Triton's interpreter; ``launch``: num_warps and num_stages on a
+        GPU)."""
         bm, bn, bk = block
         folded = isinstance(conv, Fp8Upsample)
         height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
-                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2)
+                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, TAIL=tail, **launch)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")

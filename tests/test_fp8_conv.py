@@ -163,6 +163,14 @@ INTERPRETED = textwrap.dedent("""
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
             assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias, with_residual)
+            if c % 64:  # 96 channels: a 64-wide step and a 32-wide one per tap (TAIL)
+                assert fp8_conv.steps_fit(c, 64, True) and not fp8_conv.steps_fit(c, 64, False)
+                y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
+                fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 64), residual if with_residual else None,
+                                         0.5, tail=True)
+                got = y.permute(0, 3, 1, 2).float()
+                assert not got.isnan().any(), where
+                assert float((got - expected).norm() / expected.norm()) < 0.01, (where, "tail", with_residual)
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D
@@ -269,3 +277,38 @@ def test_compiled_upsample_on_the_gpu_matches_the_folded_one(channels, size):
     assert relative_error(eager, expected) < 0.06  # e4m3's rounding
     assert relative_error(compiled, eager) < 0.01
 
+
+
+@gpu
+@pytest.mark.parametrize("c_in", [320, 960])  # the input channels a 128-wide step does not divide
+def test_every_tile_with_a_half_step_tail_computes_the_reference_sums_on_the_gpu(c_in):
+    """SCCSDXL_CONV_TAIL_STEPS=1's choices: each tile walking each tap in 128- (or 64-) wide steps and a half step."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(c_in, 320, 3, padding=1).to("cuda", torch.bfloat16)
+    fp8 = fp8_conv.Fp8Conv3x3(conv)
+    x = torch.randn(3, c_in, 24, 24, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        framed, amax = G.frame_e4m3(x)
+        expected = fp8.reference(framed, amax, 3, 24, 24)
+    tails = [c for c in fp8_conv.configs(tail_steps=True) if c.kwargs["TAIL"]
+             and fp8_conv.steps_fit(c_in, c.kwargs["BK"], True)]
+    assert {c.kwargs["BK"] for c in tails} == {128}  # 128-wide steps and a 64-wide one
+    for config in tails:
+        kw = config.kwargs
+        y = torch.full((3, 24, 24, 320), float("nan"), device="cuda", dtype=torch.bfloat16)
+        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), tail=True,
+                                 num_warps=config.num_warps, num_stages=config.num_stages)
+        assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
+
+
+def test_the_half_step_tail_is_offered_only_where_it_walks_the_channels_exactly():
+    if triton is None:
+        pytest.skip("needs the triton package")
+    assert fp8_conv.steps_fit(320, 128, True) and fp8_conv.steps_fit(960, 128, True)  # 2 or 7 x 128, then 64
+    assert not fp8_conv.steps_fit(640, 128, True) and fp8_conv.steps_fit(640, 128, False)  # 128 divides it
+    assert not fp8_conv.steps_fit(352, 128, True)  # 352 = 2 x 128 + 96: no single half step ends it
+    plain, both = fp8_conv.configs(tail_steps=False), fp8_conv.configs(tail_steps=True)
+    assert not any(c.kwargs["TAIL"] for c in plain)
+    assert len(both) == len(plain) + sum(tile[2] >= 64 for tile in fp8_conv.TILES)
+    pruned = fp8_conv.fits(both, {"C_IN": 320})
+    assert {(c.kwargs["BK"], c.kwargs["TAIL"]) for c in pruned} == {(64, False), (128, True), (32, False)}

@@ -37,6 +37,8 @@ RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
 # step at the end of each tap (TAIL configurations, 320 = 2 x 128 + 64). Off until a GPU has run it; =1 adds them
 # to the tuning's choices (read once, when the kernel is made)
 TAIL_STEPS = env_flag("SCCSDXL_CONV_TAIL_STEPS")
+# and the 320 level's best tile (256 x 64) with 128-wide steps, offered with the tail only
+TAIL_ONLY_TILES = ((256, 64, 128, 8, 3),)
 
 if triton is not None:
     import triton.language as tl
@@ -48,10 +50,12 @@ if triton is not None:
         """The tuning's choices, one per tile, and with ``tail_steps`` (TAIL_STEPS unless given) one more per tile
         with 64- or 128-wide steps that ends each tap with a half step (``extra``: more Config arguments, such as a
         pre-hook)."""
-        tails = (False, True) if (TAIL_STEPS if tail_steps is None else tail_steps) else (False,)
+        with_tails = TAIL_STEPS if tail_steps is None else tail_steps
+        choices = [(tile, False) for tile in TILES]
+        if with_tails:
+            choices += [(tile, True) for tile in TILES + TAIL_ONLY_TILES if tile[2] >= 64]
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "TAIL": tail}, num_warps=warps,
-                              num_stages=stages, **extra)
-                for bm, bn, bk, warps, stages in TILES for tail in tails if bk >= 64 or not tail]
+                              num_stages=stages, **extra) for (bm, bn, bk, warps, stages), tail in choices]
 
     def steps_fit(c_in: int, bk: int, tail: bool) -> bool:
         """Whether steps of ``bk`` channels (and with ``tail``, one of bk / 2 at the end) walk exactly one tap's

@@ -309,6 +309,6 @@ def test_the_half_step_tail_is_offered_only_where_it_walks_the_channels_exactly(
     assert not fp8_conv.steps_fit(352, 128, True)  # 352 = 2 x 128 + 96: no single half step ends it
     plain, both = fp8_conv.configs(tail_steps=False), fp8_conv.configs(tail_steps=True)
     assert not any(c.kwargs["TAIL"] for c in plain)
-    assert len(both) == len(plain) + sum(tile[2] >= 64 for tile in fp8_conv.TILES)
+    assert len(both) == len(plain) + sum(tile[2] >= 64 for tile in fp8_conv.TILES + fp8_conv.TAIL_ONLY_TILES)
     pruned = fp8_conv.fits(both, {"C_IN": 320})
     assert {(c.kwargs["BK"], c.kwargs["TAIL"]) for c in pruned} == {(64, False), (128, True), (32, False)}

@@ -128,7 +128,8 @@ def group_norm_rows() -> None:
 
 
 def convolution_rows() -> None:
-    names = fp8_conv._shifted_conv_kernel.fn.arg_names
+    kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
+    names = kernel.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
     # four phases; each tile also with the half step ending each tap (TAIL, SCCSDXL_CONV_TAIL_STEPS=1)
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
@@ -142,9 +143,10 @@ def convolution_rows() -> None:
                      **{n: "i32" for n in ("FRAMED", "H", "W", "C_IN", "C_OUT")}}
             aligned = tuple(names.index(n) for n in ("amax_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr",
                                                      "C_IN", "C_OUT"))
-            got = compiled(fp8_conv._shifted_conv_kernel.fn, with_constants(names, types),
+            got = compiled(kernel, with_constants(names, types),
                            {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
-                            "MIN_SCALE": fused.MIN_SCALE, **kw}, aligned, config.num_warps, config.num_stages)
+                            "MIN_SCALE": fused.MIN_SCALE, "HALF_BK": kw["BK"] // 2, **kw}, aligned, config.num_warps,
+                           config.num_stages)
             tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}{' + tail' if kw['TAIL'] else ''}, {config.num_warps} warps, "
                     f"{config.num_stages} stages")
             print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import FP8_MAX, MIN_SCALE, env_flag, quantize_rows, swap_modules, triton
+from .fused import FP8_MAX, MIN_SCALE, autotune, env_flag, quantize_rows, swap_modules, triton
 from .group_norm import GroupNormResnetBlock, e4m3_scale, frame_e4m3, framed_interior, group_norm_framed_fp8
 from .upsample import FoldedUpsample, fold_weight, interleave_phases
 
@@ -46,16 +46,15 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs(tail_steps: bool | None = None, **extra) -> list:
+    def configs(tail_steps: bool | None = None) -> list:
         """The tuning's choices, one per tile, and with ``tail_steps`` (TAIL_STEPS unless given) one more per tile
-        with 64- or 128-wide steps that ends each tap with a half step (``extra``: more Config arguments, such as a
-        pre-hook)."""
+        with 64- or 128-wide steps that ends each tap with a half step."""
         with_tails = TAIL_STEPS if tail_steps is None else tail_steps
         choices = [(tile, False) for tile in TILES]
         if with_tails:
             choices += [(tile, True) for tile in TILES + TAIL_ONLY_TILES if tile[2] >= 64]
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "TAIL": tail}, num_warps=warps,
-                              num_stages=stages, **extra) for (bm, bn, bk, warps, stages), tail in choices]
+                              num_stages=stages) for (bm, bn, bk, warps, stages), tail in choices]
 
     def steps_fit(c_in: int, bk: int, tail: bool) -> bool:
         """Whether steps of ``bk`` channels (and with ``tail``, one of bk / 2 at the end) walk exactly one tap's
@@ -71,13 +70,15 @@ if triton is not None:
         return [c for c in configs if steps_fit(named_args["C_IN"], c.kwargs["BK"], c.kwargs["TAIL"])
                 and not (narrow and c.kwargs["BN"] > 128)]
 
-    def _set_blocks(args: dict) -> None:
-        """The TMA descriptors' blocks follow the tile being run (the tuning's pre-hook, or _launch for one tile);
-        the tail's are half as wide."""
+    def _set_blocks(args: dict) -> int:
+        """The TMA descriptors' blocks follow the tile being run, the tail's half as wide; returns that half step
+        (the kernel's HALF_BK). A heuristic of the kernel's, so it runs at every launch, the tuning's timings and
+        a tile given directly alike: as a configuration's pre-hook it would keep Triton from keeping the timings."""
         args["x_desc"].block_shape = [args["BM"], args["BK"]]
         args["w_desc"].block_shape = [args["BN"], args["BK"]]
         args["x_tail_desc"].block_shape = [args["BM"], args["BK"] // 2]
         args["w_tail_desc"].block_shape = [args["BN"], args["BK"] // 2]
+        return args["BK"] // 2
 
     @triton.jit
     def _tap_shift(tap, W, FOLDED: tl.constexpr):
@@ -88,20 +89,20 @@ if triton is not None:
         else:
             return (tap // 3 - 1) * (W + 2) + tap % 3 - 1
 
-    @triton.autotune(configs=configs(pre_hook=_set_blocks),
-                     key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED", "HAS_RESIDUAL"],
-                     prune_configs_by={"early_config_prune": fits})
+    @autotune(configs=configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED", "HAS_RESIDUAL"],
+              prune_configs_by={"early_config_prune": fits})
+    @triton.heuristics({"HALF_BK": _set_blocks})
     @triton.jit
     def _shifted_conv_kernel(x_desc, x_tail_desc, amax_ptr, w_desc, w_tail_desc, w_scale_ptr, bias_ptr, y_ptr,
                              residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr,
                              FOLDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             TAIL: tl.constexpr = False):
+                             HALF_BK: tl.constexpr, TAIL: tl.constexpr = False):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
-        TAIL: each tap's channels in BK-wide steps up to the last multiple of BK, then one BK / 2-wide step (the
+        TAIL: each tap's channels in BK-wide steps up to the last multiple of BK, then one HALF_BK-wide step (the
         x_tail_desc and w_tail_desc blocks).
         HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
@@ -125,6 +126,7 @@ if triton is not None:
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
             acc = tl.dot(a, b.T, acc)
         if TAIL:
+            tl.static_assert(2 * HALF_BK == BK)
             for tap in tl.range(0, n_taps):
                 a = x_tail_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), wide])
                 b = w_tail_desc.load([pid_n * BN, tap * C_IN + wide])
@@ -167,11 +169,9 @@ if triton is not None:
         one tile, run directly."""
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
-        # host-side TMA descriptors; their blocks are set per tile (a placeholder until then)
+        # host-side TMA descriptors; the kernel's heuristic sets their blocks per tile (a placeholder until then)
         descriptors = {name: TensorDescriptor.from_tensor(tensor, [64, 64]) for name, tensor in
                        (("x_desc", framed), ("x_tail_desc", framed), ("w_desc", weight), ("w_tail_desc", weight))}
-        if config:
-            _set_blocks({**descriptors, **config})
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)

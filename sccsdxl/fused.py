@@ -80,7 +80,7 @@ CACHE_TUNING = env_flag("SCCSDXL_CACHE_TUNING", default=True)
 def autotune(configs: list, key: list[str], **options):
     """triton.autotune, with its cache_results on (CACHE_TUNING) where this Triton has it: a warm start then loads
     each kernel's timings instead of timing every configuration again. Triton keeps nothing for configurations with
-    a pre-hook (sccsdxl.fp8_conv's): those are timed in every process."""
+    a pre-hook, so the kit's kernels have none."""
     import inspect
 
     if CACHE_TUNING and "cache_results" in inspect.signature(triton.autotune).parameters:

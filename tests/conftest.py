@@ -66,6 +66,21 @@ def cache_in_two_processes(tmp_path):
     return run
 
 
+@pytest.fixture
+def tuning_in_two_processes(tmp_path):
+    """Run a script twice, each time in a new Python process with ``tmp_path`` as Triton's cache directory and
+    Triton printing each tuning it times: the kit's kept tuning across a warm start. Returns both outputs."""
+    def run(script: str) -> tuple[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "SCCSDXL_CACHE_TUNING"}
+        env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_PRINT_AUTOTUNING="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                        timeout=600, check=True).stdout for _ in range(2))
+        return first, second
+
+    return run
+
+
 def assert_interpreted_ok(code: str, timeout: int = 300) -> None:
     """Run ``code`` in a new Python with Triton's CPU interpreter on; it must print "kernel ok"."""
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},

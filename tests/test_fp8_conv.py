@@ -315,14 +315,10 @@ def test_the_half_step_tail_is_offered_only_where_it_walks_the_channels_exactly(
 
 
 @gpu
-def test_a_second_process_takes_the_convolutions_kept_tuning(tmp_path):
+def test_a_second_process_takes_the_convolutions_kept_tuning(tuning_in_two_processes):
     """The kernel sets its TMA blocks in a heuristic, not a pre-hook, so Triton keeps its timings: a second process at
     the same shape loads them (no "autotuning" line from Triton) and runs the same tile."""
-    import os
-    import subprocess
-    import sys
-
-    source = textwrap.dedent("""
+    first, second = tuning_in_two_processes(textwrap.dedent("""
         import torch
         from sccsdxl import fp8_conv, group_norm as G
         conv = fp8_conv.Fp8Conv3x3(torch.nn.Conv2d(64, 64, 3, padding=1).to("cuda", torch.bfloat16))
@@ -330,11 +326,7 @@ def test_a_second_process_takes_the_convolutions_kept_tuning(tmp_path):
         framed, amax = G.frame_e4m3(x)
         fp8_conv.shifted_conv(conv, framed, amax, 2, 8, 8, folded=False)
         print("chosen", fp8_conv._shifted_conv_kernel.best_config)
-    """)
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_PRINT_AUTOTUNING": "1"}
-    env.pop("SCCSDXL_CACHE_TUNING", None)
-    first, second = (subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
-                                    env=env).stdout for _ in range(2))
+    """))
     assert "Triton autotuning for function _shifted_conv_kernel" in first
     assert "Triton autotuning" not in second
     assert first.split("chosen")[-1] == second.split("chosen")[-1]

@@ -406,23 +406,16 @@ def test_row_kernel_matches_the_reference(n_cols):
 
 
 @gpu
-def test_a_second_process_takes_the_first_ones_kept_tuning(tmp_path):
+def test_a_second_process_takes_the_first_ones_kept_tuning(tuning_in_two_processes):
     """The first process times the GEGLU kernel's configurations and Triton keeps the timings in its cache directory;
     a second process at the same width loads them (no "autotuning" line from Triton) and runs the same choice."""
-    import subprocess
-    import sys
-
-    source = ("import torch; from sccsdxl import fused; "
-              "fused.geglu_fp8_rows(torch.randn(256, 2 * 2560, device='cuda', dtype=torch.bfloat16)); "
-              "print('chosen', fused._geglu_fp8_rows_kernel.best_config)")
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_PRINT_AUTOTUNING": "1"}
-    env.pop("SCCSDXL_CACHE_TUNING", None)
-    first, second = (subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
-                                    env=env).stdout for _ in range(2))
+    first, second = tuning_in_two_processes(
+        "import torch; from sccsdxl import fused; "
+        "fused.geglu_fp8_rows(torch.randn(256, 2 * 2560, device='cuda', dtype=torch.bfloat16)); "
+        "print('chosen', fused._geglu_fp8_rows_kernel.best_config)")
     assert "Triton autotuning for function _geglu_fp8_rows_kernel" in first
     assert "Triton autotuning" not in second
     assert first.split("chosen")[-1] == second.split("chosen")[-1]
-    assert list(tmp_path.rglob("_geglu_fp8_rows_kernel.autotune.json"))
 
 
 @gpu

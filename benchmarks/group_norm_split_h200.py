@@ -32,11 +32,10 @@ def statistics(x, per_slice: int, block_p: int, block_c: int, warps: int):
 def normalizing(x, norm, out, block_p: int, block_c: int, warps: int):
     """The normalizing kernel alone (statistics made up: only its speed is read here)."""
     n, c, h, w = x.shape
-    mean = torch.zeros((n, norm.num_groups), device=x.device)
-    rstd = torch.ones_like(mean)
+    scale = torch.ones((n, c), device=x.device)
+    offset = torch.zeros_like(scale)
     grid = (n, triton.cdiv(h * w, block_p), triton.cdiv(c, block_c))
-    return lambda: G._normalize_kernel.fn[grid](x, x, mean, rstd, norm.weight, norm.bias, out, mean, h * w, c,
-                                                norm.num_groups, HAS_SHIFT=False, SILU=True, FP8_OUT=False,
+    return lambda: G._normalize_kernel.fn[grid](x, scale, offset, out, scale, h * w, c, SILU=True, FP8_OUT=False,
                                                 BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
 
 

@@ -111,15 +111,15 @@ def layer_norm_rows(revision: str | None) -> None:
 
 
 def group_norm_rows() -> None:
-    """The framed GroupNorm + SiLU write (fp8_convs' norm), each tile the tuning may choose, with a shift."""
+    """The framed GroupNorm + SiLU write (fp8_convs' norm), each tile the tuning may choose (the shift is in its
+    per-channel affine since session 20)."""
     kernel = group_norm._normalize_framed_kernel.fn
-    types = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "group_mean_ptr": "*fp32", "group_rstd_ptr": "*fp32",
-             "weight_ptr": "*bf16", "bias_ptr": "*bf16", "amax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
-             "n_pixels": "i32", "n_channels": "i32", "n_groups": "i32", "width": "i32", "guard": "i32"}
+    types = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "amax_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+             "n_pixels": "i32", "n_channels": "i32", "width": "i32", "guard": "i32"}
     aligned = [i for i, name in enumerate(kernel.arg_names) if name in types and name != "guard"]  # guard: W + 3
     for pixels, channels, warps in group_norm.NORMALIZE_BLOCKS:
         got = compiled(kernel, with_constants(kernel.arg_names, types),
-                       {"HAS_SHIFT": True, "BLOCK_P": pixels, "BLOCK_C": channels, "MIN_SCALE": fused.MIN_SCALE},
+                       {"BLOCK_P": pixels, "BLOCK_C": channels, "MIN_SCALE": fused.MIN_SCALE},
                        aligned, warps)
         held = pixels * channels / (32 * warps)
         print(f"| GroupNorm + SiLU, framed e4m3 | {pixels} pixels x {channels} channels, {warps} warps | "

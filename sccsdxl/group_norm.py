@@ -6,9 +6,11 @@ In the compiled UNet at batch 25 with guidance, inductor's GroupNorm (+ SiLU) ke
 read twice, for the statistics and to normalize it, and written once) take about 12 ms at 4 TB/s. Here each
 GroupNorm is three kernels over the (image, pixel, channel) layout that channels_last gives: per-channel
 statistics of a slice of pixels (sums of deviations from the slice's first pixel), the group's mean and inverse
-standard deviation from those slices (Chan's merge), and one pass that adds the per-(image, channel) shift before
-the norm (a ResNet block's convolution bias plus its time embedding), normalizes, applies the affine and SiLU,
-and writes the result. ResnetBlock2D runs as GroupNormResnetBlock, each Transformer2DModel's norm and the UNet's
+standard deviation from those slices (Chan's merge), written as each channel's affine with the per-(image, channel)
+shift folded in (a ResNet block's convolution bias plus its time embedding: GroupNorm(x + shift) = x * scale +
+offset), and one pass that applies it (one FMA per element), then SiLU, and writes the result. Until session 20 the
+normalizing pass found each element's group and gathered its statistics, weight and bias itself: for sm_90 its
+framed e4m3 write compiled to 31-66 machine instructions per element, now 25-30. ResnetBlock2D runs as GroupNormResnetBlock, each Transformer2DModel's norm and the UNet's
 output norm as GroupNormSiLU. Measured on the H200 (BENCHMARKS.md): the normalizing pass at 3.3-3.6 TB/s, the
 statistics pass at 2.3-3.1 TB/s (0.6-1.2 in session 10, when it reduced across threads at every step), the three
 kernels up to 1.57x faster than inductor's code for the same work, and through loadgen +1.9 % (session 11). In the
@@ -112,11 +114,14 @@ if triton is not None:
             tl.store(high_ptr + out, tl.max(highs, axis=0) + offset, mask=channel_mask)
 
     @triton.jit
-    def _group_statistics_kernel(mean_ptr, m2_ptr, group_mean_ptr, group_rstd_ptr, n_pixels, n_channels,
-                                 pixels_per_slice, n_slices, n_groups, eps, low_ptr, high_ptr, weight_ptr, bias_ptr,
-                                 amax_ptr, EXTREMES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
-        """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std; with EXTREMES the
-        group's largest |GroupNorm + SiLU| folded into the batch's (atomic max)."""
+    def _group_statistics_kernel(mean_ptr, m2_ptr, shift_ptr, weight_ptr, bias_ptr, scale_ptr, offset_ptr, n_pixels,
+                                 n_channels, pixels_per_slice, n_slices, n_groups, eps, low_ptr, high_ptr, amax_ptr,
+                                 HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 BLOCK_G: tl.constexpr):
+        """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std, written as each of
+        its channels' affine: GroupNorm(x + shift) = x * scale + offset, scale = weight / std and offset = bias +
+        (shift - mean) * scale, so that the normalizing pass has no group to find per element. With EXTREMES the
+        group's largest |GroupNorm + SiLU| is folded into the batch's (atomic max)."""
         image = tl.program_id(0).to(tl.int64)
         group = tl.program_id(1)
         per_group = n_channels // n_groups
@@ -133,16 +138,19 @@ if triton is not None:
         delta = tl.where(mask, means - mean, 0.0)
         m2 = tl.sum(tl.sum(m2s + delta * delta * counts, axis=1), axis=0)
         rstd = 1.0 / tl.sqrt(m2 / total + eps)
-        tl.store(group_mean_ptr + image * n_groups + group, mean)
-        tl.store(group_rstd_ptr + image * n_groups + group, rstd)
+        channels = group * per_group + lanes
+        lane_ok = lanes < per_group
+        scale = rstd * tl.load(weight_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
+        shift = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        if HAS_SHIFT:  # the slice statistics' mean is x + shift's
+            shift += tl.load(shift_ptr + image * n_channels + channels, mask=lane_ok, other=0.0).to(tl.float32)
+        tl.store(scale_ptr + image * n_channels + channels, scale, mask=lane_ok)
+        tl.store(offset_ptr + image * n_channels + channels, bias + (shift - mean) * scale, mask=lane_ok)
         if EXTREMES:
-            channels = group * per_group + lanes
             low = tl.min(tl.load(low_ptr + at, mask=mask, other=float("inf")), axis=0)
             high = tl.max(tl.load(high_ptr + at, mask=mask, other=float("-inf")), axis=0)
-            lane_ok = lanes < per_group
-            scale = rstd * tl.load(weight_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
-            shift = tl.load(bias_ptr + channels, mask=lane_ok, other=0.0).to(tl.float32)
-            tl.atomic_max(amax_ptr, tl.max(tl.where(lane_ok, _largest_silu(low, high, mean, scale, shift), 0.0)))
+            tl.atomic_max(amax_ptr, tl.max(tl.where(lane_ok, _largest_silu(low, high, mean, scale, bias), 0.0)))
 
     @triton.jit
     def _largest_silu(low, high, mean, scale, shift):
@@ -157,24 +165,18 @@ if triton is not None:
         return tl.where(holds_minimum, tl.maximum(ends, -SILU_MIN), ends)
 
     @triton.jit
-    def _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, image, pixels,
-                         channels, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
-        """(x + shift - mean) / std * weight + bias, SiLU, in fp32 for a tile of one image's pixels and channels,
-        with the tile's mask and addresses. The normalized value is rounded to x's dtype before SiLU, as the
-        unfused ops round it."""
+    def _normalized_tile(x_ptr, scale_ptr, offset_ptr, image, pixels, channels, n_pixels, n_channels,
+                         SILU: tl.constexpr):
+        """x * scale + offset (the channel's GroupNorm affine, from _group_statistics_kernel), SiLU, in fp32 for a tile
+        of one image's pixels and channels, with the tile's mask and addresses. The normalized value is rounded to
+        x's dtype before SiLU, as the unfused ops round it."""
         channel_mask = channels < n_channels
         mask = (pixels < n_pixels)[:, None] & channel_mask[None, :]
         at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
         x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SHIFT:
-            shift = tl.load(shift_ptr + image * n_channels + channels, mask=channel_mask, other=0.0)
-            x += shift.to(tl.float32)[None, :]
-        groups = image * n_groups + channels // (n_channels // n_groups)
-        mean = tl.load(group_mean_ptr + groups, mask=channel_mask, other=0.0)
-        scale = tl.load(group_rstd_ptr + groups, mask=channel_mask, other=0.0)
-        scale *= tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        out = (x - mean[None, :]) * scale[None, :] + bias[None, :]
+        scale = tl.load(scale_ptr + image * n_channels + channels, mask=channel_mask, other=0.0)
+        offset = tl.load(offset_ptr + image * n_channels + channels, mask=channel_mask, other=0.0)
+        out = tl.fma(x, scale[None, :], offset[None, :])
         if SILU:
             out = _silu(out.to(x_ptr.dtype.element_ty).to(tl.float32))
         return out, mask, at
@@ -189,11 +191,9 @@ if triton is not None:
         def _silu(x):
             return x * tl.sigmoid(x)
 
-    @autotune(configs=_block_configs(NORMALIZE_BLOCKS),
-                     key=["n_pixels", "n_channels", "HAS_SHIFT", "SILU", "FP8_OUT"])
+    @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "SILU", "FP8_OUT"])
     @triton.jit
-    def _normalize_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, out_ptr,
-                          out_scale_ptr, n_pixels, n_channels, n_groups, HAS_SHIFT: tl.constexpr,
+    def _normalize_kernel(x_ptr, scale_ptr, offset_ptr, out_ptr, out_scale_ptr, n_pixels, n_channels,
                           SILU: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """The normalized tile (_normalized_tile) of one image's pixels and channels, written as x's layout. With
         FP8_OUT the result is written in e4m3, divided by the one scale at ``out_scale_ptr``
@@ -201,24 +201,23 @@ if triton is not None:
         image = tl.program_id(0).to(tl.int64)
         pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        out, mask, at = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
-                                         image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, SILU)
+        out, mask, at = _normalized_tile(x_ptr, scale_ptr, offset_ptr, image, pixels, channels, n_pixels,
+                                         n_channels, SILU)
         if FP8_OUT:
-            out = tl.clamp(out / tl.load(out_scale_ptr), -E4M3_MAX, E4M3_MAX)
+            out = tl.clamp(out * (1.0 / tl.load(out_scale_ptr)), -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT"])
+    @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels"])
     @triton.jit
-    def _normalize_framed_kernel(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, amax_ptr,
-                                 out_ptr, n_pixels, n_channels, n_groups, width, guard, HAS_SHIFT: tl.constexpr,
+    def _normalize_framed_kernel(x_ptr, scale_ptr, offset_ptr, amax_ptr, out_ptr, n_pixels, n_channels, width, guard,
                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, MIN_SCALE: tl.constexpr):
         """GroupNorm + SiLU of a tile in e4m3, divided by the batch's scale (amax / 448), each pixel written to its
         row of the zero-framed grid (frame_rows): where sccsdxl.fp8_conv's convolution reads it."""
         image = tl.program_id(0).to(tl.int64)
         pixels = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        out, mask, _ = _normalized_tile(x_ptr, shift_ptr, group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr,
-                                        image, pixels, channels, n_pixels, n_channels, n_groups, HAS_SHIFT, True)
+        out, mask, _ = _normalized_tile(x_ptr, scale_ptr, offset_ptr, image, pixels, channels, n_pixels, n_channels,
+                                        True)
         store_framed(out_ptr, out, mask, amax_ptr, image, pixels, channels, n_pixels, n_channels, width, guard,
                      MIN_SCALE)
 
@@ -227,10 +226,10 @@ if triton is not None:
                      MIN_SCALE: tl.constexpr):
         """A tile of one image's pixels (fp32) in e4m3, divided by the batch's scale (amax / 448), each pixel
         written to its row of the zero-framed grid (frame_rows)."""
-        scale = tl.maximum(tl.load(amax_ptr) / E4M3_MAX, MIN_SCALE)
+        inverse_scale = 1.0 / tl.maximum(tl.load(amax_ptr) / E4M3_MAX, MIN_SCALE)  # one division per program
         height = n_pixels // width
         rows = guard + image * (height + 2) * (width + 2) + (pixels // width + 1) * (width + 2) + pixels % width + 1
-        out = tl.clamp(out / scale, -E4M3_MAX, E4M3_MAX)
+        out = tl.clamp(out * inverse_scale, -E4M3_MAX, E4M3_MAX)
         tl.store(out_ptr + rows[:, None] * n_channels + channels[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -243,30 +242,32 @@ if triton is not None:
         per_slice = triton.cdiv(n_pixels, max(1, min(wanted, n_pixels)))
         return per_slice, triton.cdiv(n_pixels, per_slice)
 
-    def _statistics(slice_kernel, group_kernel, x, shift, n_groups: int, eps: float,
-                    stat_config: dict | None = None, largest: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each (image, group)'s mean (of x + shift) and 1 / std, from channels_last ``x`` (N, C, H, W). With
-        ``largest`` = (weight, bias, amax): the largest |GroupNorm + SiLU| folded into the zeroed (1,) ``amax``, from
-        each channel's smallest and largest value, with no pass of its own over x."""
+    def _statistics(slice_kernel, group_kernel, x, shift, weight, bias, n_groups: int, eps: float,
+                    stat_config: dict | None = None,
+                    amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (image, channel)'s GroupNorm affine (scale, offset), (N, C) fp32 each, from channels_last ``x``
+        (N, C, H, W) plus ``shift``: GroupNorm(x + shift) = x * scale + offset. With ``amax``: the largest
+        |GroupNorm + SiLU| folded into the zeroed (1,) ``amax``, from each channel's smallest and largest value, with
+        no pass of its own over x."""
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
         per_slice, n_slices = _slices(n_images, n_pixels, n_channels)
         means = torch.empty((n_images, n_slices, n_channels), device=x.device, dtype=torch.float32)
         m2s = torch.empty_like(means)
-        lows, highs = (torch.empty_like(means), torch.empty_like(means)) if largest else (means, m2s)
-        weight, bias, amax = largest or (means, means, means)
-        group_mean = torch.empty((n_images, n_groups), device=x.device, dtype=torch.float32)
-        group_rstd = torch.empty_like(group_mean)
+        lows, highs = (torch.empty_like(means), torch.empty_like(means)) if amax is not None else (means, m2s)
+        scale = torch.empty((n_images, n_channels), device=x.device, dtype=torch.float32)
+        offset = torch.empty_like(scale)
         has_shift = shift is not None
         stat = stat_config or {}
         slice_kernel[_grid(n_images, n_slices, n_channels, stat, pixels=False)](
             x, shift if has_shift else x, means, m2s, lows, highs, n_pixels, n_channels, per_slice, n_slices,
-            HAS_SHIFT=has_shift, EXTREMES=largest is not None, **stat)
+            HAS_SHIFT=has_shift, EXTREMES=amax is not None, **stat)
         group_kernel[(n_images, n_groups)](
-            means, m2s, group_mean, group_rstd, n_pixels, n_channels, per_slice, n_slices, n_groups, eps, lows, highs,
-            weight, bias, amax, EXTREMES=largest is not None, BLOCK_S=triton.next_power_of_2(n_slices),
+            means, m2s, shift if has_shift else x, weight, bias, scale, offset, n_pixels, n_channels, per_slice,
+            n_slices, n_groups, eps, lows, highs, scale if amax is None else amax, HAS_SHIFT=has_shift,
+            EXTREMES=amax is not None, BLOCK_S=triton.next_power_of_2(n_slices),
             BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
-        return group_mean, group_rstd
+        return scale, offset
 
     def _launch(kernels, x, shift, weight, bias, n_groups: int, eps: float, silu: bool, out,
                 stat_config: dict | None = None, normalize_config: dict | None = None,
@@ -275,13 +276,11 @@ if triton is not None:
         (e4m3 divided by ``out_scale`` when one is given). A config given runs that configuration directly."""
         slice_kernel, group_kernel, normalize_kernel = kernels
         n_images, n_channels, height, width = x.shape
-        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat_config)
-        has_shift = shift is not None
+        scale, offset = _statistics(slice_kernel, group_kernel, x, shift, weight, bias, n_groups, eps, stat_config)
         norm = normalize_config or {}
         normalize_kernel[_grid(n_images, height * width, n_channels, norm, pixels=True)](
-            x, shift if has_shift else x, group_mean, group_rstd, weight, bias, out,
-            group_mean if out_scale is None else out_scale, height * width, n_channels, n_groups,
-            HAS_SHIFT=has_shift, SILU=silu, FP8_OUT=out_scale is not None, **norm)
+            x, scale, offset, out, scale if out_scale is None else out_scale, height * width, n_channels,
+            SILU=silu, FP8_OUT=out_scale is not None, **norm)
 
     def _launch_framed(kernels, x, shift, weight, bias, n_groups: int, eps: float, framed: torch.Tensor,
                        amax: torch.Tensor, configs: tuple[dict, dict] | None = None) -> None:
@@ -291,12 +290,10 @@ if triton is not None:
         slice_kernel, group_kernel, framed_kernel = kernels
         stat, write = configs or ({}, {})
         n_images, n_channels, height, width = x.shape
-        group_mean, group_rstd = _statistics(slice_kernel, group_kernel, x, shift, n_groups, eps, stat,
-                                             (weight, bias, amax))
-        has_shift = shift is not None
+        scale, offset = _statistics(slice_kernel, group_kernel, x, shift, weight, bias, n_groups, eps, stat, amax)
         framed_kernel[_grid(n_images, height * width, n_channels, write, pixels=True)](
-            x, shift if has_shift else x, group_mean, group_rstd, weight, bias, amax, framed, height * width,
-            n_channels, n_groups, width, width + 3, HAS_SHIFT=has_shift, MIN_SCALE=MIN_SCALE, **write)
+            x, scale, offset, amax, framed, height * width, n_channels, width, width + 3, MIN_SCALE=MIN_SCALE,
+            **write)
 
     def _grid(n_images: int, rows: int, n_channels: int, config: dict, pixels: bool):
         """(image, slice or pixel block, channel block): from ``config`` when run directly, else the tuned one's."""

@@ -121,8 +121,7 @@ if triton is not None:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
-    @autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"],
-                     prune_configs_by={"early_config_prune": _fits})
+    @autotune(configs=_configs(), key=["M", "K", "N", "BLOCK_SCALES"], prune_configs_by={"early_config_prune": _fits})
     @triton.jit
     def _geglu_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M, K, N,
                            HAS_BIAS: tl.constexpr, BLOCK_SCALES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,

@@ -10,12 +10,12 @@ standard deviation from those slices (Chan's merge), written as each channel's a
 shift folded in (a ResNet block's convolution bias plus its time embedding: GroupNorm(x + shift) = x * scale +
 offset), and one pass that applies it (one FMA per element), then SiLU, and writes the result. Until session 20 the
 normalizing pass found each element's group and gathered its statistics, weight and bias itself: for sm_90 its
-framed e4m3 write compiled to 31-66 machine instructions per element, now 25-30. ResnetBlock2D runs as GroupNormResnetBlock, each Transformer2DModel's norm and the UNet's
-output norm as GroupNormSiLU. Measured on the H200 (BENCHMARKS.md): the normalizing pass at 3.3-3.6 TB/s, the
-statistics pass at 2.3-3.1 TB/s (0.6-1.2 in session 10, when it reduced across threads at every step), the three
-kernels up to 1.57x faster than inductor's code for the same work, and through loadgen +1.9 % (session 11). In the
-VAE decoder at 1024x1024 they took 191 ms of GroupNorm per 50 images where inductor's took 533, and the run gained
-+3.2 % (session 12).
+framed e4m3 write compiled to 31-66 machine instructions per element, now 25-30. ResnetBlock2D runs as
+GroupNormResnetBlock, each Transformer2DModel's norm and the UNet's output norm as GroupNormSiLU. Measured on the
+H200 (BENCHMARKS.md): the normalizing pass at 3.3-3.6 TB/s, the statistics pass at 2.3-3.1 TB/s (0.6-1.2 in session
+10, when it reduced across threads at every step), the three kernels up to 1.57x faster than inductor's code for the
+same work, and through loadgen +1.9 % (session 11). In the VAE decoder at 1024x1024 they took 191 ms of GroupNorm
+per 50 images where inductor's took 533, and the run gained +3.2 % (session 12).
 """
 from __future__ import annotations
 
@@ -61,8 +61,7 @@ if triton is not None:
     STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
     NORMALIZE_BLOCKS = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4))
 
-    @autotune(configs=_block_configs(STATISTICS_BLOCKS),
-                     key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
+    @autotune(configs=_block_configs(STATISTICS_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
     @triton.jit
     def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, low_ptr, high_ptr, n_pixels, n_channels,
                                  pixels_per_slice, n_slices, HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr,

@@ -60,14 +60,20 @@ if triton is not None:
     # the tiles that ran fastest on the H200 (benchmarks/group_norm_split_h200.py, session 10), and their neighbours
     STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
     NORMALIZE_BLOCKS = ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4))
+    # each statistics tile also with its loop's loads pipelined three deep (cp.async through shared memory): unpipelined,
+    # a program has one tile's loads in flight only while it waits (the pass ran at 2.3-3.1 TB/s alone, session 10);
+    # (pixels, channels, warps, stages)
+    STATISTICS_CHOICES = tuple((*block, stages) for block in STATISTICS_BLOCKS for stages in (1, 3))
 
-    @autotune(configs=_block_configs(STATISTICS_BLOCKS), key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
+    @autotune(configs=[triton.Config({"BLOCK_P": p, "BLOCK_C": c, "STAGES": stages}, num_warps=w)
+                       for p, c, w, stages in STATISTICS_CHOICES],
+              key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
     @triton.jit
     def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, low_ptr, high_ptr, n_pixels, n_channels,
                                  pixels_per_slice, n_slices, HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr,
-                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 1):
         """Per channel, over one slice of one image's pixels: the mean and the sum of squared deviations (M2), and
-        with EXTREMES the smallest and largest value (of x + shift).
+        with EXTREMES the smallest and largest value (of x + shift). STAGES > 1 pipelines the loop's loads.
 
         The sums run elementwise over the tile and are reduced across its pixels once, after the loop: a reduction
         across threads at every step held this kernel to 0.6-1.2 TB/s on the H200, where a channel sum reads 2.7-3.6
@@ -87,7 +93,7 @@ if triton is not None:
         if EXTREMES:
             lows = tl.full((BLOCK_P, BLOCK_C), float("inf"), dtype=tl.float32)
             highs = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
-        for start in range(first, end, BLOCK_P):
+        for start in tl.range(first, end, BLOCK_P, num_stages=STAGES):
             pixels = start + tl.arange(0, BLOCK_P)
             mask = (pixels < end)[:, None] & channel_mask[None, :]
             at = (image * n_pixels + pixels)[:, None] * n_channels + channels[None, :]
@@ -313,14 +319,16 @@ if triton is not None:
                 _direct_config(normalize_block), out_scale)
 
     def _direct_config(block: tuple[int, ...]) -> dict:
-        """(BLOCK_P, BLOCK_C[, warps]) as a kernel launch's keywords (4 warps unless given)."""
-        return {"BLOCK_P": block[0], "BLOCK_C": block[1], "num_warps": (*block, 4)[2]}
+        """(BLOCK_P, BLOCK_C[, warps[, stages]]) as a kernel launch's keywords (4 warps unless given; the stages of
+        the statistics kernel's loop, 1 unless given)."""
+        return {"BLOCK_P": block[0], "BLOCK_C": block[1], "num_warps": (*block, 4)[2],
+                **({"STAGES": block[3]} if len(block) > 3 else {})}
 
-    def each_tuning_choice() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
-        """(statistics tile, normalizing tile) pairs that between them run every tile each kernel's tuning may
-        choose, the other kernel's at its first: what tests and benchmarks run through run_group_norm_config."""
-        return ([(stat, NORMALIZE_BLOCKS[0]) for stat in STATISTICS_BLOCKS]
-                + [(STATISTICS_BLOCKS[0], normalize) for normalize in NORMALIZE_BLOCKS[1:]])
+    def each_tuning_choice() -> list[tuple[tuple[int, ...], tuple[int, int, int]]]:
+        """(statistics choice, normalizing tile) pairs that between them run every choice each kernel's tuning may
+        make, the other kernel's at its first: what tests and benchmarks run through run_group_norm_config."""
+        return ([(stat, NORMALIZE_BLOCKS[0]) for stat in STATISTICS_CHOICES]
+                + [(STATISTICS_CHOICES[0], normalize) for normalize in NORMALIZE_BLOCKS[1:]])
 
     @triton_op("sccsdxl::group_norm_nhwc", mutates_args=())
     def _group_norm_gpu(x: torch.Tensor, shift: torch.Tensor, has_shift: bool, weight: torch.Tensor,

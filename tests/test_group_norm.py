@@ -163,7 +163,9 @@ def test_statistics_slices_fill_the_gpu_and_cover_every_pixel_once():
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
 def test_the_tuning_choices_run_every_tile_of_each_kernel():
     plans = G.each_tuning_choice()
-    assert {stat for stat, _ in plans} == set(G.STATISTICS_BLOCKS)
+    assert {stat for stat, _ in plans} == set(G.STATISTICS_CHOICES)
+    assert {stat[:3] for stat in G.STATISTICS_CHOICES} == set(G.STATISTICS_BLOCKS)
+    assert {stat[3] for stat in G.STATISTICS_CHOICES} == {1, 3}  # each tile unpipelined and pipelined
     assert {normalize for _, normalize in plans} == set(G.NORMALIZE_BLOCKS)
 
 

@@ -53,9 +53,15 @@ if triton is not None:
     E4M3_MAX = tl.constexpr(FP8_MAX)  # the largest float8_e4m3fn value
     SILU_MIN_AT, SILU_MIN = tl.constexpr(-1.2784645), tl.constexpr(-0.2784645)  # SiLU's minimum: where, and its value
 
+    def _block_keywords(block: tuple[int, ...]) -> dict:
+        """(pixels, channels[, warps[, stages]]) as the kernels' block keywords (STAGES: the statistics kernel's
+        loop, only where given)."""
+        return {"BLOCK_P": block[0], "BLOCK_C": block[1], **({"STAGES": block[3]} if len(block) > 3 else {})}
+
     def _block_configs(blocks: tuple) -> list:
-        """(pixels, channels, warps) per program: wide channel blocks read whole 128-byte lines of an NHWC row."""
-        return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w) for p, c, w in blocks]
+        """(pixels, channels, warps[, stages]) per program: wide channel blocks read whole 128-byte lines of an NHWC
+        row."""
+        return [triton.Config(_block_keywords(block), num_warps=block[2]) for block in blocks]
 
     # the tiles that ran fastest on the H200 (benchmarks/group_norm_split_h200.py, session 10), and their neighbours
     STATISTICS_BLOCKS = ((32, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 32, 4))
@@ -65,9 +71,7 @@ if triton is not None:
     # (pixels, channels, warps, stages)
     STATISTICS_CHOICES = tuple((*block, stages) for block in STATISTICS_BLOCKS for stages in (1, 3))
 
-    @autotune(configs=[triton.Config({"BLOCK_P": p, "BLOCK_C": c, "STAGES": stages}, num_warps=w)
-                       for p, c, w, stages in STATISTICS_CHOICES],
-              key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
+    @autotune(configs=_block_configs(STATISTICS_CHOICES), key=["n_pixels", "n_channels", "HAS_SHIFT", "EXTREMES"])
     @triton.jit
     def _slice_statistics_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, low_ptr, high_ptr, n_pixels, n_channels,
                                  pixels_per_slice, n_slices, HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr,
@@ -321,8 +325,7 @@ if triton is not None:
     def _direct_config(block: tuple[int, ...]) -> dict:
         """(BLOCK_P, BLOCK_C[, warps[, stages]]) as a kernel launch's keywords (4 warps unless given; the stages of
         the statistics kernel's loop, 1 unless given)."""
-        return {"BLOCK_P": block[0], "BLOCK_C": block[1], "num_warps": (*block, 4)[2],
-                **({"STAGES": block[3]} if len(block) > 3 else {})}
+        return {**_block_keywords(block), "num_warps": (*block, 4)[2]}
 
     def each_tuning_choice() -> list[tuple[tuple[int, ...], tuple[int, int, int]]]:
         """(statistics choice, normalizing tile) pairs that between them run every choice each kernel's tuning may

@@ -291,15 +291,21 @@ def test_kernels_in_tritons_cpu_interpreter_read_the_right_halves_rows_and_colum
     assert_interpreted_ok(f"import os\nos.environ['SCCSDXL_BRANCH_FREE_ERF'] = '{branch_free_erf}'\n" + INTERPRETED)
 
 
-@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
-def test_the_geglu_kernels_row_blocks_can_be_left_out_for_an_a_b():
+def printed_per_switch(source: str, switch: str, values: tuple[str, ...], env: dict | None = None) -> dict:
+    """The words ``source`` prints in a new Python for each value of the environment variable ``switch`` (the
+    kernels read their switches once, when they are made)."""
     import subprocess
     import sys
 
+    base = os.environ if env is None else env
+    return {value: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
+                                  env={**base, switch: value}).stdout.split() for value in values}
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
+def test_the_geglu_kernels_row_blocks_can_be_left_out_for_an_a_b():
     count = "from sccsdxl import fused; print(*sorted(c.kwargs['ROWS'] for c in fused._configs()))"
-    runs = {flag: subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "SCCSDXL_ONE_ROW_GEGLU": flag}).stdout.split()
-            for flag in ("0", "1")}
+    runs = printed_per_switch(count, "SCCSDXL_ONE_ROW_GEGLU", ("0", "1"))
     assert set(runs["0"]) == {"1", "2", "4"} and set(runs["1"]) == {"1"}
     assert runs["0"].count("1") == len(runs["1"])  # the one-row choices are the same either way
 
@@ -329,30 +335,21 @@ def test_the_branch_free_erfs_gelu_is_the_exact_gelu_within_fp32_rounding():
 def test_the_branch_free_erf_is_chosen_by_the_environment_for_an_a_b():
     """The GEGLU kernel's GELU uses the branch-free erfc by default (session 20); SCCSDXL_BRANCH_FREE_ERF=0 brings back
     libdevice's erf."""
-    import subprocess
-    import sys
-
     source = ("import inspect; from sccsdxl import fused; "
               "print('tl.math.erf(' in inspect.getsource(fused._one_plus_erf.fn))")
-    runs = {flag: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "SCCSDXL_BRANCH_FREE_ERF": flag}).stdout.split()[-1]
-            for flag in ("", "0", "1")}
+    runs = {flag: words[-1] for flag, words in printed_per_switch(source, "SCCSDXL_BRANCH_FREE_ERF",
+                                                                   ("", "0", "1")).items()}
     assert runs == {"": "False", "0": "True", "1": "False"}
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs the triton package")
 def test_the_kernels_tuning_is_kept_on_disk_unless_switched_off():
     """The kit's autotuned kernels ask Triton to keep their timings (cache_results); SCCSDXL_CACHE_TUNING=0 does not."""
-    import subprocess
-    import sys
-
     source = ("from sccsdxl import fused, group_norm; "
               "print(fused._geglu_fp8_rows_kernel.cache_results, fused._layer_norm_fp8_rows_kernel.cache_results, "
               "group_norm._normalize_framed_kernel.cache_results)")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING")}
-    runs = {flag: subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=True,
-                                 env={**env, "SCCSDXL_CACHE_TUNING": flag}).stdout.split()
-            for flag in ("", "0")}
+    runs = printed_per_switch(source, "SCCSDXL_CACHE_TUNING", ("", "0"), env)
     assert runs == {"": ["True"] * 3, "0": ["False"] * 3}
 
 

@@ -4,7 +4,7 @@ Triton compiles each autotuning configuration ahead of time for sm_90 and the pt
 registers and spills (group_norm_ptx.py's report), with the PTX's global loads and stores, wgmma instructions and
 TMA (cp.async.bulk.tensor) or cp.async loads, and for the GEGLU kernel and the framed GroupNorm write their machine
 instructions (nvdisasm) per element each thread handles: sccsdxl.fused's GEGLU + fp8 and LayerNorm + fp8 kernels,
-sccsdxl.group_norm's framed e4m3 write,
+sccsdxl.group_norm's framed e4m3 write and its statistics kernel (whether its loop's loads are pipelined),
 sccsdxl.fp8_conv's convolution (TMA loads since session 18), also in its folded-upsampler form. With a git
 revision, the LayerNorm kernel as it was there is compiled too and compared configuration by configuration
 (BENCHMARKS.md, session 17).
@@ -41,17 +41,19 @@ def compiled(fn, signature: dict, constants: dict, aligned: tuple, warps: int, s
     ptx = kernel.asm["ptx"]
     return {"ptxas": ptxas_report(ptx), "global loads": ptx.count("ld.global"), "global stores": ptx.count("st.global"),
             "wgmma": ptx.count("wgmma.mma_async"), "TMA loads": ptx.count("cp.async.bulk.tensor"),
-            "cp.async": ptx.count("cp.async.cg"), "sass": sass_instructions(kernel.asm["cubin"])}
+            "cp.async": ptx.count("cp.async.cg"), **sass_counts(kernel.asm["cubin"])}
 
 
-def sass_instructions(cubin: bytes) -> int:
-    """Machine instructions in the compiled kernel (nvdisasm, beside ptxas), for the instruction-bound row kernels."""
+def sass_counts(cubin: bytes) -> dict:
+    """Machine instructions in the compiled kernel (nvdisasm, beside ptxas), for the instruction-bound row kernels,
+    and its plain (LDG) and cp.async (LDGSTS) global loads."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
         fh.write(cubin)
     listing = subprocess.run([str(Path(ptxas_path()).with_name("nvdisasm")), "-c", fh.name], capture_output=True,
                              text=True).stdout
-    return sum(1 for line in listing.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line)
-               and "NOP" not in line)
+    return {"sass": sum(1 for line in listing.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", line)
+                        and "NOP" not in line),
+            "plain loads": len(re.findall(r" LDG[.]", listing)), "cp.async loads": len(re.findall(r" LDGSTS", listing))}
 
 
 def with_constants(names: list[str], types: dict) -> dict:
@@ -127,6 +129,21 @@ def group_norm_rows() -> None:
               f"{got['sass']} ({got['sass'] / held:.1f} per element held) |")
 
 
+def statistics_rows() -> None:
+    """The GroupNorm statistics kernel as fp8_convs runs it (a shift, the extremes), each choice of its tuning:
+    whether its loop's loads are pipelined (cp.async, LDGSTS in the machine code) or plain loads (LDG)."""
+    kernel = group_norm._slice_statistics_kernel.fn
+    types = {"x_ptr": "*bf16", "shift_ptr": "*bf16", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "low_ptr": "*fp32",
+             "high_ptr": "*fp32", "n_pixels": "i32", "n_channels": "i32", "pixels_per_slice": "i32", "n_slices": "i32"}
+    aligned = [i for i, name in enumerate(kernel.arg_names) if name in types and name != "n_slices"]
+    for pixels, channels, warps, stages in group_norm.STATISTICS_CHOICES:
+        got = compiled(kernel, with_constants(kernel.arg_names, types),
+                       {"HAS_SHIFT": True, "EXTREMES": True, "BLOCK_P": pixels, "BLOCK_C": channels, "STAGES": stages},
+                       aligned, warps)
+        print(f"| ({pixels}, {channels}, {warps}) | {stages} | {got['ptxas']} | {got['cp.async loads']} | "
+              f"{got['plain loads']} |")
+
+
 def convolution_rows() -> None:
     kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
     names = kernel.arg_names
@@ -164,6 +181,9 @@ def main() -> None:
                                                                                        else ""))
     print("|---|---|---|---|---|" + ("---|" if revision else ""))
     layer_norm_rows(revision)
+    print("\n| GroupNorm statistics tile (pixels, channels, warps) | stages | ptxas | cp.async loads (LDGSTS) | "
+          "plain loads (LDG) |\n|---|---|---|---|---|")
+    statistics_rows()
     print("\n| kernel | tile | ptxas | PTX |\n|---|---|---|---|")
     convolution_rows()
 

@@ -40,7 +40,9 @@ def compiled(fn, signature: dict, constants: dict, aligned: tuple, warps: int, s
                             options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
     return {"ptxas": ptxas_report(ptx), "global loads": ptx.count("ld.global"), "global stores": ptx.count("st.global"),
-            "wgmma": ptx.count("wgmma.mma_async"), "TMA loads": ptx.count("cp.async.bulk.tensor"),
+            "wgmma": ptx.count("wgmma.mma_async"),
+            "wgmma shapes": "/".join(sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))),
+            "TMA loads": ptx.count("cp.async.bulk.tensor"),
             "cp.async": ptx.count("cp.async.cg"), **sass_counts(kernel.asm["cubin"])}
 
 
@@ -148,26 +150,26 @@ def convolution_rows() -> None:
     kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
     names = kernel.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
-    # four phases; each tile also with the half step ending each tap (TAIL, SCCSDXL_CONV_TAIL_STEPS=1)
+    # four phases; with the swapped tiles (SWAP, SCCSDXL_CONV_SWAPPED_TILES=1), offered for 3x3 convolutions only
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
-        for config in fp8_conv.configs(tail_steps=True):
+        for config in fp8_conv.configs(swapped=True):
             kw = config.kwargs
+            if kw["SWAP"] and folded:
+                continue
             types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
-                     "x_tail_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK'] // 2}]>",
                      "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
-                     "w_tail_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK'] // 2}]>",
                      "bias_ptr": "*bf16", "y_ptr": "*bf16", "residual_ptr": "*bf16", "residual_scale": "fp32",
                      **{n: "i32" for n in ("FRAMED", "H", "W", "C_IN", "C_OUT")}}
             aligned = tuple(names.index(n) for n in ("amax_ptr", "w_scale_ptr", "bias_ptr", "y_ptr", "residual_ptr",
                                                      "C_IN", "C_OUT"))
             got = compiled(kernel, with_constants(names, types),
                            {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
-                            "MIN_SCALE": fused.MIN_SCALE, "HALF_BK": kw["BK"] // 2, **kw}, aligned, config.num_warps,
+                            "MIN_SCALE": fused.MIN_SCALE, "EVEN_N": True, **kw}, aligned, config.num_warps,
                            config.num_stages)
-            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}{' + tail' if kw['TAIL'] else ''}, {config.num_warps} warps, "
+            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}{', swapped' if kw['SWAP'] else ''}, {config.num_warps} warps, "
                     f"{config.num_stages} stages")
-            print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma, "
-                  f"{got['TMA loads']} TMA loads, {got['global stores']} global stores |")
+            print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma "
+                  f"({got['wgmma shapes']}), {got['TMA loads']} TMA loads, {got['global stores']} global stores |")
 
 
 def main() -> None:

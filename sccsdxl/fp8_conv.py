@@ -32,13 +32,13 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
-# input channels that a 128-wide step does not divide (320 and 960: the 320 level ran at 760-890 TFLOP/s in 64-wide
-# steps where the others ran at 1,150-1,240 in 128-wide ones) may also be walked in wide steps and one half-width
-# step at the end of each tap (TAIL configurations, 320 = 2 x 128 + 64). Off until a GPU has run it; =1 adds them
-# to the tuning's choices (read once, when the kernel is made)
-TAIL_STEPS = env_flag("SCCSDXL_CONV_TAIL_STEPS")
-# and the 320 level's best tile (256 x 64) with 128-wide steps, offered with the tail only
-TAIL_ONLY_TILES = ((256, 64, 128, 8, 3),)
+# where 128 does not divide the output channels (320) the tuning may also run tiles with the output channels as the
+# MMA's rows (SWAPPED): the 320 level's 256 x 64 tile issues 64 x 64 MMAs, which read twice the shared memory per
+# FLOP of a 128 x 128 tile, and ran at 860-920 TFLOP/s where the other levels ran at 1,150-1,240 (sessions 18-21);
+# swapped, that tile issues 64 x 256 MMAs. Off until a GPU has run it; =1 adds them (read once, when the kernel is made)
+SWAPPED_TILES = env_flag("SCCSDXL_CONV_SWAPPED_TILES")
+# (BM pixels, BN output channels, BK, warps, stages), offered swapped only
+SWAP_TILES = ((256, 64, 64, 4, 4), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4), (256, 64, 128, 4, 3))
 
 if triton is not None:
     import triton.language as tl
@@ -46,39 +46,34 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs(tail_steps: bool | None = None) -> list:
-        """The tuning's choices, one per tile, and with ``tail_steps`` (TAIL_STEPS unless given) one more per tile
-        with 64- or 128-wide steps that ends each tap with a half step."""
-        with_tails = TAIL_STEPS if tail_steps is None else tail_steps
+    def configs(swapped: bool | None = None) -> list:
+        """The tuning's choices, one per tile, and with ``swapped`` (SWAPPED_TILES unless given) the SWAP_TILES with
+        the output channels as the MMA's rows."""
         choices = [(tile, False) for tile in TILES]
-        if with_tails:
-            choices += [(tile, True) for tile in TILES + TAIL_ONLY_TILES if tile[2] >= 64]
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "TAIL": tail}, num_warps=warps,
-                              num_stages=stages) for (bm, bn, bk, warps, stages), tail in choices]
-
-    def steps_fit(c_in: int, bk: int, tail: bool) -> bool:
-        """Whether steps of ``bk`` channels (and with ``tail``, one of bk / 2 at the end) walk exactly one tap's
-        ``c_in`` channels: a step must not run past them."""
-        return c_in % bk != 0 and c_in % (bk // 2) == 0 if tail else c_in % bk == 0
+        if SWAPPED_TILES if swapped is None else swapped:
+            choices += [(tile, True) for tile in SWAP_TILES]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "SWAP": swap}, num_warps=warps,
+                              num_stages=stages) for (bm, bn, bk, warps, stages), swap in choices]
 
     def fits(configs, named_args, **kwargs):
-        """Only channel steps that walk the input channels exactly (steps_fit); for a folded upsampler or a residual
-        add no 256-wide output tiles, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
+        """Only channel steps that divide the input channels; swapped tiles only where 128 does not divide the
+        output channels; for a folded upsampler or a residual add no 256-wide output tiles, whose epilogues spill
+        registers (benchmarks/kernels_ptx.py)."""
         def flag(name: str) -> bool:
             return bool(named_args.get(name, kwargs.get(name, False)))
         narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
-        return [c for c in configs if steps_fit(named_args["C_IN"], c.kwargs["BK"], c.kwargs["TAIL"])
-                and not (narrow and c.kwargs["BN"] > 128)]
+        c_in, c_out = named_args["C_IN"], named_args["C_OUT"]
+        return [c for c in configs if c_in % c.kwargs["BK"] == 0 and not (narrow and c.kwargs["BN"] > 128)
+                and not (c.kwargs["SWAP"] and (c_out % 128 == 0 or flag("FOLDED")))]
 
-    def _set_blocks(args: dict) -> int:
-        """The TMA descriptors' blocks follow the tile being run, the tail's half as wide; returns that half step
-        (the kernel's HALF_BK). A heuristic of the kernel's, so it runs at every launch, the tuning's timings and
-        a tile given directly alike: as a configuration's pre-hook it would keep Triton from keeping the timings."""
+    def _set_blocks(args: dict) -> bool:
+        """The TMA descriptors' blocks follow the tile being run; returns whether the output channels fill whole
+        tiles (the kernel's EVEN_N: no channel masks). A heuristic of the kernel's, so it runs at every launch, the
+        tuning's timings and a tile given directly alike: as a configuration's pre-hook it would keep Triton from
+        keeping the timings."""
         args["x_desc"].block_shape = [args["BM"], args["BK"]]
         args["w_desc"].block_shape = [args["BN"], args["BK"]]
-        args["x_tail_desc"].block_shape = [args["BM"], args["BK"] // 2]
-        args["w_tail_desc"].block_shape = [args["BN"], args["BK"] // 2]
-        return args["BK"] // 2
+        return args["C_OUT"] % args["BN"] == 0
 
     @triton.jit
     def _tap_shift(tap, W, FOLDED: tl.constexpr):
@@ -91,46 +86,44 @@ if triton is not None:
 
     @autotune(configs=configs(), key=["FRAMED", "H", "W", "C_IN", "C_OUT", "FOLDED", "HAS_RESIDUAL"],
               prune_configs_by={"early_config_prune": fits})
-    @triton.heuristics({"HALF_BK": _set_blocks})
+    @triton.heuristics({"EVEN_N": _set_blocks})
     @triton.jit
-    def _shifted_conv_kernel(x_desc, x_tail_desc, amax_ptr, w_desc, w_tail_desc, w_scale_ptr, bias_ptr, y_ptr,
+    def _shifted_conv_kernel(x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr,
                              residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr,
                              FOLDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             HALF_BK: tl.constexpr, TAIL: tl.constexpr = False):
+                             EVEN_N: tl.constexpr, SWAP: tl.constexpr = False):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
-        TAIL: each tap's channels in BK-wide steps up to the last multiple of BK, then one HALF_BK-wide step (the
-        x_tail_desc and w_tail_desc blocks).
+        SWAP: the MMAs take the tile's output channels as rows and its pixels as columns (BN x BM), transposed once
+        at the end. EVEN_N: BN divides C_OUT.
         HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
         the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
         image, where a <= y < a + H and b <= x < b + W."""
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
-        if TAIL:
-            wide = C_IN - C_IN % BK
-        else:
-            wide = C_IN
-        chunks = wide // BK
+        chunks = C_IN // BK
         if FOLDED:
             n_taps = 4
         else:
             n_taps = 9
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, n_taps * chunks):
             tap = k // chunks
             channel = (k - tap * chunks) * BK
             a = x_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
-            acc = tl.dot(a, b.T, acc)
-        if TAIL:
-            tl.static_assert(2 * HALF_BK == BK)
-            for tap in tl.range(0, n_taps):
-                a = x_tail_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), wide])
-                b = w_tail_desc.load([pid_n * BN, tap * C_IN + wide])
+            if SWAP:
+                acc = tl.dot(b, a.T, acc)
+            else:
                 acc = tl.dot(a, b.T, acc)
+        if SWAP:
+            acc = acc.T
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
@@ -138,7 +131,10 @@ if triton is not None:
         if not FOLDED:
             inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
         rn = pid_n * BN + tl.arange(0, BN)
-        n_ok = rn < C_OUT
+        if EVEN_N:
+            n_ok = tl.full((BN,), True, tl.int1)
+        else:
+            n_ok = rn < C_OUT
         x_scale = tl.maximum(tl.load(amax_ptr) / FP8_MAX, MIN_SCALE)
         out = acc * (x_scale * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0))[None, :]
         if HAS_BIAS:
@@ -170,28 +166,25 @@ if triton is not None:
         n_images, c_out = y.shape[0], weight.shape[0]
         rows = n_images * (height + 2) * (width + 2)
         # host-side TMA descriptors; the kernel's heuristic sets their blocks per tile (a placeholder until then)
-        descriptors = {name: TensorDescriptor.from_tensor(tensor, [64, 64]) for name, tensor in
-                       (("x_desc", framed), ("x_tail_desc", framed), ("w_desc", weight), ("w_tail_desc", weight))}
+        x_desc, w_desc = (TensorDescriptor.from_tensor(tensor, [64, 64]) for tensor in (framed, weight))
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
-        kernel[grid](descriptors["x_desc"], descriptors["x_tail_desc"], amax, descriptors["w_desc"],
-                     descriptors["w_tail_desc"], w_scale,
-                     w_scale if bias is None else bias, y, y if residual is None else residual, residual_scale, rows,
+        kernel[grid](x_desc, amax, w_desc, w_scale, w_scale if bias is None else bias, y, y if residual is None else residual, residual_scale, rows,
                      height, width, framed.shape[1], c_out, HAS_BIAS=bias is not None, FOLDED=folded,
                      HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
                         block: tuple[int, int, int], residual: torch.Tensor | None = None,
-                        residual_scale: float = 1.0, tail: bool = False, **launch) -> None:
-        """The kernel with one (BM, BN, BK) tile (and ``tail``: a half step ending each tap), run directly into NHWC
+                        residual_scale: float = 1.0, swap: bool = False, **launch) -> None:
+        """The kernel with one (BM, BN, BK) tile (``swap``: output channels as the MMA's rows), run directly into NHWC
         ``y`` (adding NHWC ``residual``): for tests (Triton's interpreter; ``launch``: num_warps and num_stages on a
         GPU)."""
         bm, bn, bk = block
         folded = isinstance(conv, Fp8Upsample)
         height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
-                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, TAIL=tail, **launch)
+                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, SWAP=swap, **launch)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")

@@ -163,14 +163,13 @@ INTERPRETED = textwrap.dedent("""
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
             assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias, with_residual)
-            if c % 64:  # 96 channels: a 64-wide step and a 32-wide one per tap (TAIL)
-                assert fp8_conv.steps_fit(c, 64, True) and not fp8_conv.steps_fit(c, 64, False)
-                y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
-                fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 64), residual if with_residual else None,
-                                         0.5, tail=True)
-                got = y.permute(0, 3, 1, 2).float()
-                assert not got.isnan().any(), where
-                assert float((got - expected).norm() / expected.norm()) < 0.01, (where, "tail", with_residual)
+            # the same sums with the output channels as the MMA's rows (SWAP), transposed before the epilogue
+            y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
+            fp8_conv.run_conv_config(framed, amax, fp8, y, (32, 16, 32), residual if with_residual else None, 0.5,
+                                     swap=True)
+            got = y.permute(0, 3, 1, 2).float()
+            assert not got.isnan().any(), where
+            assert float((got - expected).norm() / expected.norm()) < 0.01, (where, "swapped", with_residual)
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D
@@ -280,9 +279,9 @@ def test_compiled_upsample_on_the_gpu_matches_the_folded_one(channels, size):
 
 
 @gpu
-@pytest.mark.parametrize("c_in", [320, 960])  # the input channels a 128-wide step does not divide
-def test_every_tile_with_a_half_step_tail_computes_the_reference_sums_on_the_gpu(c_in):
-    """SCCSDXL_CONV_TAIL_STEPS=1's choices: each tile walking each tap in 128- (or 64-) wide steps and a half step."""
+@pytest.mark.parametrize("c_in", [320, 960])  # the 320 level's convolutions: 320 outputs, which 128 does not divide
+def test_every_swapped_tile_computes_the_reference_sums_on_the_gpu(c_in):
+    """SCCSDXL_CONV_SWAPPED_TILES=1's choices: each tile with the output channels as the MMA's rows."""
     torch.manual_seed(7)
     conv = torch.nn.Conv2d(c_in, 320, 3, padding=1).to("cuda", torch.bfloat16)
     fp8 = fp8_conv.Fp8Conv3x3(conv)
@@ -290,28 +289,33 @@ def test_every_tile_with_a_half_step_tail_computes_the_reference_sums_on_the_gpu
     with torch.no_grad():
         framed, amax = G.frame_e4m3(x)
         expected = fp8.reference(framed, amax, 3, 24, 24)
-    tails = [c for c in fp8_conv.configs(tail_steps=True) if c.kwargs["TAIL"]
-             and fp8_conv.steps_fit(c_in, c.kwargs["BK"], True)]
-    assert {c.kwargs["BK"] for c in tails} == {128}  # 128-wide steps and a 64-wide one
-    for config in tails:
+    swapped = [c for c in fp8_conv.fits(fp8_conv.configs(swapped=True), {"C_IN": c_in, "C_OUT": 320})
+               if c.kwargs["SWAP"]]
+    assert len(swapped) == len(fp8_conv.SWAP_TILES) - (c_in % 128 != 0)  # 960 takes no 128-wide steps
+    for config in swapped:
         kw = config.kwargs
         y = torch.full((3, 24, 24, 320), float("nan"), device="cuda", dtype=torch.bfloat16)
-        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), tail=True,
+        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), swap=True,
                                  num_warps=config.num_warps, num_stages=config.num_stages)
         assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
 
 
-def test_the_half_step_tail_is_offered_only_where_it_walks_the_channels_exactly():
+def test_swapped_tiles_are_offered_only_where_128_does_not_divide_the_output_channels():
     if triton is None:
         pytest.skip("needs the triton package")
-    assert fp8_conv.steps_fit(320, 128, True) and fp8_conv.steps_fit(960, 128, True)  # 2 or 7 x 128, then 64
-    assert not fp8_conv.steps_fit(640, 128, True) and fp8_conv.steps_fit(640, 128, False)  # 128 divides it
-    assert not fp8_conv.steps_fit(352, 128, True)  # 352 = 2 x 128 + 96: no single half step ends it
-    plain, both = fp8_conv.configs(tail_steps=False), fp8_conv.configs(tail_steps=True)
-    assert not any(c.kwargs["TAIL"] for c in plain)
-    assert len(both) == len(plain) + sum(tile[2] >= 64 for tile in fp8_conv.TILES + fp8_conv.TAIL_ONLY_TILES)
-    pruned = fp8_conv.fits(both, {"C_IN": 320})
-    assert {(c.kwargs["BK"], c.kwargs["TAIL"]) for c in pruned} == {(64, False), (128, True), (32, False)}
+    plain, both = fp8_conv.configs(swapped=False), fp8_conv.configs(swapped=True)
+    assert not any(c.kwargs["SWAP"] for c in plain)
+    assert len(both) == len(plain) + len(fp8_conv.SWAP_TILES)
+
+    def swapped(**args) -> list[tuple[int, int, int]]:
+        return [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) for c in fp8_conv.fits(both, args)
+                if c.kwargs["SWAP"]]
+    assert swapped(C_IN=640, C_OUT=320) == [tile[:3] for tile in fp8_conv.SWAP_TILES]
+    assert swapped(C_IN=320, C_OUT=320) == [tile[:3] for tile in fp8_conv.SWAP_TILES if tile[2] == 64]
+    assert swapped(C_IN=640, C_OUT=640) == [] and swapped(C_IN=1280, C_OUT=1280) == []
+    assert swapped(C_IN=320, C_OUT=1280, FOLDED=True) == []  # a folded upsampler's four phases: 4 x 320 outputs
+    # and no channel step that does not divide the input channels, swapped or not
+    assert all(320 % c.kwargs["BK"] == 0 for c in fp8_conv.fits(both, {"C_IN": 320, "C_OUT": 320}))
 
 
 @gpu

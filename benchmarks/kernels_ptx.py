@@ -150,12 +150,10 @@ def convolution_rows() -> None:
     kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
     names = kernel.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
-    # four phases; with the swapped tiles (SWAP, SCCSDXL_CONV_SWAPPED_TILES=1), offered for 3x3 convolutions only
+    # four phases
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
-        for config in fp8_conv.configs(swapped=True):
+        for config in fp8_conv.configs():
             kw = config.kwargs
-            if kw["SWAP"] and folded:
-                continue
             types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
                      "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
                      "bias_ptr": "*bf16", "y_ptr": "*bf16", "residual_ptr": "*bf16", "residual_scale": "fp32",
@@ -166,7 +164,7 @@ def convolution_rows() -> None:
                            {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
                             "MIN_SCALE": fused.MIN_SCALE, "EVEN_N": True, **kw}, aligned, config.num_warps,
                            config.num_stages)
-            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}{', swapped' if kw['SWAP'] else ''}, {config.num_warps} warps, "
+            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, "
                     f"{config.num_stages} stages")
             print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma "
                   f"({got['wgmma shapes']}), {got['TMA loads']} TMA loads, {got['global stores']} global stores |")

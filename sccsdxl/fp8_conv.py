@@ -32,13 +32,6 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
-# where 128 does not divide the output channels (320) the tuning may also run tiles with the output channels as the
-# MMA's rows (SWAPPED): the 320 level's 256 x 64 tile issues 64 x 64 MMAs, which read twice the shared memory per
-# FLOP of a 128 x 128 tile, and ran at 860-920 TFLOP/s where the other levels ran at 1,150-1,240 (sessions 18-21);
-# swapped, that tile issues 64 x 256 MMAs. Off until a GPU has run it; =1 adds them (read once, when the kernel is made)
-SWAPPED_TILES = env_flag("SCCSDXL_CONV_SWAPPED_TILES")
-# (BM pixels, BN output channels, BK, warps, stages), offered swapped only
-SWAP_TILES = ((256, 64, 64, 4, 4), (256, 64, 64, 8, 4), (128, 64, 64, 4, 4), (256, 64, 128, 4, 3))
 
 if triton is not None:
     import triton.language as tl
@@ -46,25 +39,19 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs(swapped: bool | None = None) -> list:
-        """The tuning's choices, one per tile, and with ``swapped`` (SWAPPED_TILES unless given) the SWAP_TILES with
-        the output channels as the MMA's rows."""
-        choices = [(tile, False) for tile in TILES]
-        if SWAPPED_TILES if swapped is None else swapped:
-            choices += [(tile, True) for tile in SWAP_TILES]
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "SWAP": swap}, num_warps=warps,
-                              num_stages=stages) for (bm, bn, bk, warps, stages), swap in choices]
+    def configs() -> list:
+        """The tuning's choices, one per tile."""
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+                for bm, bn, bk, warps, stages in TILES]
 
     def fits(configs, named_args, **kwargs):
-        """Only channel steps that divide the input channels; swapped tiles only where 128 does not divide the
-        output channels; for a folded upsampler or a residual add no 256-wide output tiles, whose epilogues spill
-        registers (benchmarks/kernels_ptx.py)."""
+        """Only channel steps that divide the input channels; for a folded upsampler or a residual add no 256-wide
+        output tiles, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
         def flag(name: str) -> bool:
             return bool(named_args.get(name, kwargs.get(name, False)))
         narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
-        c_in, c_out = named_args["C_IN"], named_args["C_OUT"]
-        return [c for c in configs if c_in % c.kwargs["BK"] == 0 and not (narrow and c.kwargs["BN"] > 128)
-                and not (c.kwargs["SWAP"] and (c_out % 128 == 0 or flag("FOLDED")))]
+        return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0
+                and not (narrow and c.kwargs["BN"] > 128)]
 
     def _set_blocks(args: dict) -> bool:
         """The TMA descriptors' blocks follow the tile being run; returns whether the output channels fill whole
@@ -92,13 +79,12 @@ if triton is not None:
                              residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr,
                              FOLDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             EVEN_N: tl.constexpr, SWAP: tl.constexpr = False):
+                             EVEN_N: tl.constexpr):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
-        SWAP: the MMAs take the tile's output channels as rows and its pixels as columns (BN x BM), transposed once
-        at the end. EVEN_N: BN divides C_OUT.
+        EVEN_N: BN divides C_OUT (no channel masks).
         HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
         the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
@@ -109,21 +95,13 @@ if triton is not None:
             n_taps = 4
         else:
             n_taps = 9
-        if SWAP:
-            acc = tl.zeros((BN, BM), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, n_taps * chunks):
             tap = k // chunks
             channel = (k - tap * chunks) * BK
             a = x_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
-            if SWAP:
-                acc = tl.dot(b, a.T, acc)
-            else:
-                acc = tl.dot(a, b.T, acc)
-        if SWAP:
-            acc = acc.T
+            acc = tl.dot(a, b.T, acc)
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
@@ -176,15 +154,15 @@ if triton is not None:
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
                         block: tuple[int, int, int], residual: torch.Tensor | None = None,
-                        residual_scale: float = 1.0, swap: bool = False, **launch) -> None:
-        """The kernel with one (BM, BN, BK) tile (``swap``: output channels as the MMA's rows), run directly into NHWC
+                        residual_scale: float = 1.0, **launch) -> None:
+        """The kernel with one (BM, BN, BK) tile, run directly into NHWC
         ``y`` (adding NHWC ``residual``): for tests (Triton's interpreter; ``launch``: num_warps and num_stages on a
         GPU)."""
         bm, bn, bk = block
         folded = isinstance(conv, Fp8Upsample)
         height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
-                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, SWAP=swap, **launch)
+                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, **launch)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")

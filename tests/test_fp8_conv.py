@@ -163,13 +163,6 @@ INTERPRETED = textwrap.dedent("""
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
             assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias, with_residual)
-            # the same sums with the output channels as the MMA's rows (SWAP), transposed before the epilogue
-            y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
-            fp8_conv.run_conv_config(framed, amax, fp8, y, (32, 16, 32), residual if with_residual else None, 0.5,
-                                     swap=True)
-            got = y.permute(0, 3, 1, 2).float()
-            assert not got.isnan().any(), where
-            assert float((got - expected).norm() / expected.norm()) < 0.01, (where, "swapped", with_residual)
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D
@@ -278,44 +271,16 @@ def test_compiled_upsample_on_the_gpu_matches_the_folded_one(channels, size):
 
 
 
-@gpu
-@pytest.mark.parametrize("c_in", [320, 960])  # the 320 level's convolutions: 320 outputs, which 128 does not divide
-def test_every_swapped_tile_computes_the_reference_sums_on_the_gpu(c_in):
-    """SCCSDXL_CONV_SWAPPED_TILES=1's choices: each tile with the output channels as the MMA's rows."""
-    torch.manual_seed(7)
-    conv = torch.nn.Conv2d(c_in, 320, 3, padding=1).to("cuda", torch.bfloat16)
-    fp8 = fp8_conv.Fp8Conv3x3(conv)
-    x = torch.randn(3, c_in, 24, 24, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        framed, amax = G.frame_e4m3(x)
-        expected = fp8.reference(framed, amax, 3, 24, 24)
-    swapped = [c for c in fp8_conv.fits(fp8_conv.configs(swapped=True), {"C_IN": c_in, "C_OUT": 320})
-               if c.kwargs["SWAP"]]
-    assert len(swapped) == len(fp8_conv.SWAP_TILES) - (c_in % 128 != 0)  # 960 takes no 128-wide steps
-    for config in swapped:
-        kw = config.kwargs
-        y = torch.full((3, 24, 24, 320), float("nan"), device="cuda", dtype=torch.bfloat16)
-        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), swap=True,
-                                 num_warps=config.num_warps, num_stages=config.num_stages)
-        assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
-
-
-def test_swapped_tiles_are_offered_only_where_128_does_not_divide_the_output_channels():
+def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
     if triton is None:
         pytest.skip("needs the triton package")
-    plain, both = fp8_conv.configs(swapped=False), fp8_conv.configs(swapped=True)
-    assert not any(c.kwargs["SWAP"] for c in plain)
-    assert len(both) == len(plain) + len(fp8_conv.SWAP_TILES)
 
-    def swapped(**args) -> list[tuple[int, int, int]]:
-        return [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) for c in fp8_conv.fits(both, args)
-                if c.kwargs["SWAP"]]
-    assert swapped(C_IN=640, C_OUT=320) == [tile[:3] for tile in fp8_conv.SWAP_TILES]
-    assert swapped(C_IN=320, C_OUT=320) == [tile[:3] for tile in fp8_conv.SWAP_TILES if tile[2] == 64]
-    assert swapped(C_IN=640, C_OUT=640) == [] and swapped(C_IN=1280, C_OUT=1280) == []
-    assert swapped(C_IN=320, C_OUT=1280, FOLDED=True) == []  # a folded upsampler's four phases: 4 x 320 outputs
-    # and no channel step that does not divide the input channels, swapped or not
-    assert all(320 % c.kwargs["BK"] == 0 for c in fp8_conv.fits(both, {"C_IN": 320, "C_OUT": 320}))
+    def steps(**args) -> set[int]:
+        return {c.kwargs["BK"] for c in fp8_conv.fits(fp8_conv.configs(), args)}
+    assert steps(C_IN=320) == {32, 64} and steps(C_IN=960) == {32, 64}  # 128 divides neither
+    assert steps(C_IN=640) == steps(C_IN=1280) == {32, 64, 128}
+    wide = [c for c in fp8_conv.fits(fp8_conv.configs(), {"C_IN": 1280, "HAS_RESIDUAL": True}) if c.kwargs["BN"] > 128]
+    assert wide == []  # the residual's epilogue spills with 256-wide output tiles
 
 
 @gpu

@@ -19,6 +19,7 @@ only. Then a ResNet block's GroupNorm + SiLU and convolution as fused_group_norm
 writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame zeroed, the statistics with the largest
 value, the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
   python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
+  python3 benchmarks/conv_shifted_fp8_h200.py --tiles    # every tuning choice at each shape, with its operand traffic
 """
 from __future__ import annotations
 
@@ -112,7 +113,37 @@ def block_times(x: torch.Tensor) -> dict[str, float]:
                 "norm framed": gpu_ms(lambda: G.group_norm_framed_fp8(x, norm))}
 
 
+def tile_rows(name, rows, size, c_in, c_out, *_) -> list[str]:
+    """Every tuning choice of sccsdxl.fp8_conv at one shape, the persistent ones too: ms, TFLOP/s, and the operand
+    tiles its programs load (each program loads a BM x BK and a BN x BK e4m3 tile per step, 9 C_in / BK steps; the
+    grid covers the framed rows and whole channel tiles), in GB and per second: if that rate is the same for every
+    tile, the kernel is bound by moving operands from L2, and larger tiles are what speeds it up."""
+    x, weight, bias = case(rows, size, c_in, c_out, "cuda")
+    x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)
+    w_q, w_scale = gathered.quantize_out_channels(weight.permute(0, 2, 3, 1).contiguous())
+    framed, w_k = framed_fp8(x.permute(0, 2, 3, 1), x_scale), w_q.reshape(c_out, -1).contiguous()
+    flop = 2 * rows * size * size * c_out * c_in * 9
+    out = []
+    for config in fp8_conv.fits(fp8_conv.configs(persistent=True), {"C_IN": c_in, "C_OUT": c_out}):
+        kw = config.kwargs
+        launch = {**kw, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        ms = gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, launch))
+        tiles = -(-framed.shape[0] // kw["BM"]) * -(-c_out // kw["BN"])
+        moved = tiles * (9 * c_in // kw["BK"]) * (kw["BM"] + kw["BN"]) * kw["BK"] / 1e9
+        out.append(f"| {name} | {kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, "
+                   f"{config.num_stages} stages{', persistent' if kw['PERSISTENT'] else ''} | {ms:.3f} | "
+                   f"{flop / ms / 1e9:.0f} | {moved:.1f} | {moved / ms:.2f} |")
+    return out
+
+
 def main() -> None:
+    if "--tiles" in sys.argv:  # every tuning choice at each shape (GPU only)
+        torch.manual_seed(0)
+        print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
+        print("| shape | tile | ms | TFLOP/s | operand tiles loaded, GB | TB/s |\n|---|---|---|---|---|---|")
+        for shape in SHAPES:
+            print("\n".join(tile_rows(*shape)), flush=True)
+        return
     run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16",
                    "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | sccsdxl.fp8_conv ms "
                    "(TFLOP/s) | its tile | framing + quantizing the input ms (torch, compiled) | cuDNN / fp8_conv | "

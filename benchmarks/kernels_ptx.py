@@ -150,9 +150,9 @@ def convolution_rows() -> None:
     kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
     names = kernel.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
-    # four phases
+    # four phases; with the persistent choices (PERSISTENT, SCCSDXL_CONV_PERSISTENT=1)
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
-        for config in fp8_conv.configs():
+        for config in fp8_conv.configs(persistent=True):
             kw = config.kwargs
             types = {"x_desc": f"tensordesc<fp8e4nv[{kw['BM']}, {kw['BK']}]>", "amax_ptr": "*fp32",
                      "w_desc": f"tensordesc<fp8e4nv[{kw['BN']}, {kw['BK']}]>", "w_scale_ptr": "*fp32",
@@ -164,10 +164,12 @@ def convolution_rows() -> None:
                            {"HAS_BIAS": True, "FOLDED": folded, "HAS_RESIDUAL": residual, "FP8_MAX": fused.FP8_MAX,
                             "MIN_SCALE": fused.MIN_SCALE, "EVEN_N": True, **kw}, aligned, config.num_warps,
                            config.num_stages)
-            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, "
+            persistent = "persistent, " if kw["PERSISTENT"] else ""
+            tile = (f"{kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, {persistent}"
                     f"{config.num_stages} stages")
             print(f"| shifted convolution{form} (TMA loads) | {tile} | {got['ptxas']} | {got['wgmma']} wgmma "
-                  f"({got['wgmma shapes']}), {got['TMA loads']} TMA loads, {got['global stores']} global stores |")
+                  f"({got['wgmma shapes']}), {got['TMA loads']} TMA loads, {got['global stores']} global stores, "
+                  f"{got['sass']} machine instructions |")
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ configuration from 2.297 to 2.414 samples/s (BENCHMARKS.md, session 18).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,13 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
+# persistent choices: a tile also as a persistent kernel, one program per SM walking the tiles in turn in one
+# flattened loop, so the loads of a program's next tile can run while it stores this one. The convolutions move 9-10
+# TB/s of operand tiles from L2 at every level (session 21), and the 128 x 256 tiles, one program per SM, cannot hide
+# their prologue and epilogue. Off until a GPU has run it; =1 adds them to the tuning's choices (read once). One
+# program per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM (benchmarks/kernels_ptx.py)
+PERSISTENT = env_flag("SCCSDXL_CONV_PERSISTENT")
+PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4))
 
 if triton is not None:
     import triton.language as tl
@@ -39,10 +48,14 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs() -> list:
-        """The tuning's choices, one per tile."""
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
-                for bm, bn, bk, warps, stages in TILES]
+    def configs(persistent: bool | None = None) -> list:
+        """The tuning's choices, one per tile, and with ``persistent`` (PERSISTENT unless given) the
+        PERSISTENT_TILES as persistent kernels."""
+        choices = [(tile, False) for tile in TILES]
+        if PERSISTENT if persistent is None else persistent:
+            choices += [(tile, True) for tile in PERSISTENT_TILES]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "PERSISTENT": walk}, num_warps=warps,
+                              num_stages=stages) for (bm, bn, bk, warps, stages), walk in choices]
 
     def fits(configs, named_args, **kwargs):
         """Only channel steps that divide the input channels; for a folded upsampler or a residual add no 256-wide
@@ -79,17 +92,35 @@ if triton is not None:
                              residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr,
                              FOLDED: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             EVEN_N: tl.constexpr):
+                             EVEN_N: tl.constexpr, PERSISTENT: tl.constexpr = False):
         """y[pixel, n] = x_scale * w_scale[n] * sum over taps t and channels c of framed[q + shift(t), c] * w[n, t, c]
         (+ bias[n]), q over the FRAMED rows of the framed grid (W + 3 guard rows before them), stored where q is an
         image pixel (int64 addresses: the image rows times channels pass 2**31 at batch 50). Every operand tile is
         one TMA block load (rows past the buffer read as zeros). x_scale = amax / 448, one scalar for the batch.
-        EVEN_N: BN divides C_OUT (no channel masks).
+        EVEN_N: BN divides C_OUT (no channel masks). PERSISTENT: one program per SM, each walking the tiles with the
+        grid's stride in one flattened loop; otherwise one program per tile.
         HAS_RESIDUAL: (y + residual) * residual_scale, the residual read where y is stored (a ResNet block's output).
         FOLDED: a folded upsampler's four phases (sccsdxl.upsample), 2x2 taps from q down and right, C_OUT = 4 x
         the channels; phase (a, b)'s output at framed position (y, x) is pixel (2y - a, 2x - b) of the 2H x 2W
         image, where a <= y < a + H and b <= x < b + W."""
-        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN), GROUP_M)
+        n_m, n_n = tl.cdiv(FRAMED, BM), tl.cdiv(C_OUT, BN)
+        if PERSISTENT:
+            for tile in tl.range(tl.program_id(0), n_m * n_n, tl.num_programs(0), flatten=True):
+                _conv_tile(tile, n_m, n_n, x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                           residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN, BK,
+                           GROUP_M, FP8_MAX, MIN_SCALE, EVEN_N)
+        else:
+            _conv_tile(tl.program_id(0), n_m, n_n, x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr,
+                       residual_ptr, residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN,
+                       BK, GROUP_M, FP8_MAX, MIN_SCALE, EVEN_N)
+
+    @triton.jit
+    def _conv_tile(tile, n_m, n_n, x_desc, amax_ptr, w_desc, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                   residual_scale, FRAMED, H, W, C_IN, C_OUT, HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, EVEN_N: tl.constexpr):
+        """One BM x BN output tile of _shifted_conv_kernel: its sums over every tap and channel, then its epilogue."""
+        pid_m, pid_n = grouped_tile(tile, n_m, n_n, GROUP_M)
         chunks = C_IN // BK
         if FOLDED:
             n_taps = 4
@@ -135,6 +166,13 @@ if triton is not None:
             tl.store(y_ptr + pixel[:, None] * C_OUT + rn[None, :], out.to(y_ptr.dtype.element_ty),
                      mask=inside[:, None] & n_ok[None, :])
 
+    @functools.cache
+    def _sm_count(device: torch.device) -> int:
+        """The persistent grid's programs (a CPU tensor, in Triton's interpreter: two)."""
+        if device.type != "cuda":
+            return 2
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
     def _launch(kernel, framed, amax, weight, w_scale, bias, y, height: int, width: int, folded: bool = False,
                 residual: torch.Tensor | None = None, residual_scale: float = 1.0, **config) -> None:
         """Run ``kernel`` on ``framed`` rows of (height, width) images into ``y``, whose memory holds (N, H, W, C)
@@ -147,22 +185,24 @@ if triton is not None:
         x_desc, w_desc = (TensorDescriptor.from_tensor(tensor, [64, 64]) for tensor in (framed, weight))
 
         def grid(meta):
-            return (triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"]),)
-        kernel[grid](x_desc, amax, w_desc, w_scale, w_scale if bias is None else bias, y, y if residual is None else residual, residual_scale, rows,
-                     height, width, framed.shape[1], c_out, HAS_BIAS=bias is not None, FOLDED=folded,
-                     HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, **config)
+            tiles = triton.cdiv(rows, meta["BM"]) * triton.cdiv(c_out, meta["BN"])
+            return (min(tiles, _sm_count(framed.device)) if meta.get("PERSISTENT") else tiles,)
+        kernel[grid](x_desc, amax, w_desc, w_scale, w_scale if bias is None else bias, y,
+                     y if residual is None else residual, residual_scale, rows, height, width, framed.shape[1], c_out,
+                     HAS_BIAS=bias is not None, FOLDED=folded, HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX,
+                     MIN_SCALE=MIN_SCALE, **config)
 
     def run_conv_config(framed: torch.Tensor, amax: torch.Tensor, conv: Fp8Conv3x3 | Fp8Upsample, y: torch.Tensor,
                         block: tuple[int, int, int], residual: torch.Tensor | None = None,
-                        residual_scale: float = 1.0, **launch) -> None:
-        """The kernel with one (BM, BN, BK) tile, run directly into NHWC
-        ``y`` (adding NHWC ``residual``): for tests (Triton's interpreter; ``launch``: num_warps and num_stages on a
-        GPU)."""
+                        residual_scale: float = 1.0, persistent: bool = False, **launch) -> None:
+        """The kernel with one (BM, BN, BK) tile (``persistent``: one program per SM walking the tiles), run directly
+        into NHWC ``y`` (adding NHWC ``residual``): for tests (Triton's interpreter; ``launch``: num_warps and
+        num_stages on a GPU)."""
         bm, bn, bk = block
         folded = isinstance(conv, Fp8Upsample)
         height, width = (size // 2 for size in y.shape[1:3]) if folded else y.shape[1:3]
         _launch(_shifted_conv_kernel.fn, framed, amax, conv.weight, conv.scale, conv.bias, y, height, width, folded,
-                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, **launch)
+                residual, residual_scale, BM=bm, BN=bn, BK=bk, GROUP_M=2, PERSISTENT=persistent, **launch)
 
     # an opaque op: torch.compile calls it as it is, and the kernel gets its TMA descriptors made on the host
     @torch.library.custom_op("sccsdxl::shifted_conv_fp8", mutates_args=(), device_types="cuda")

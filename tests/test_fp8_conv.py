@@ -163,6 +163,11 @@ INTERPRETED = textwrap.dedent("""
             got = y.permute(0, 3, 1, 2).float()
             assert not got.isnan().any(), where  # every pixel and channel written
             assert float((got - expected).norm() / expected.norm()) < 0.01, (where, with_bias, with_residual)
+            # persistent: two programs walking every tile in turn
+            y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
+            fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 32), residual if with_residual else None, 0.5,
+                                     persistent=True)
+            assert torch.equal(y.permute(0, 3, 1, 2).float(), got), (where, "persistent")
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D
@@ -281,6 +286,36 @@ def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
     assert steps(C_IN=640) == steps(C_IN=1280) == {32, 64, 128}
     wide = [c for c in fp8_conv.fits(fp8_conv.configs(), {"C_IN": 1280, "HAS_RESIDUAL": True}) if c.kwargs["BN"] > 128]
     assert wide == []  # the residual's epilogue spills with 256-wide output tiles
+
+
+@gpu
+@pytest.mark.parametrize("c_in,c_out", [(320, 320), (1280, 1280)])
+def test_every_persistent_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
+    """SCCSDXL_CONV_PERSISTENT=1's choices, with more tiles than programs, so each program runs several."""
+    torch.manual_seed(7)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to("cuda", torch.bfloat16)
+    fp8 = fp8_conv.Fp8Conv3x3(conv)
+    x = torch.randn(8, c_in, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        framed, amax = G.frame_e4m3(x)
+        expected = fp8.reference(framed, amax, 8, 32, 32)
+    persistent = [c for c in fp8_conv.fits(fp8_conv.configs(persistent=True), {"C_IN": c_in, "C_OUT": c_out})
+                  if c.kwargs["PERSISTENT"]]
+    assert persistent
+    for config in persistent:
+        kw = config.kwargs
+        y = torch.full((8, 32, 32, c_out), float("nan"), device="cuda", dtype=torch.bfloat16)
+        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), persistent=True,
+                                 num_warps=config.num_warps, num_stages=config.num_stages)
+        assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
+
+
+def test_persistent_choices_are_offered_only_when_switched_on():
+    if triton is None:
+        pytest.skip("needs the triton package")
+    plain, both = fp8_conv.configs(persistent=False), fp8_conv.configs(persistent=True)
+    assert not any(c.kwargs["PERSISTENT"] for c in plain) and len(plain) == len(fp8_conv.TILES)
+    assert [c.kwargs["PERSISTENT"] for c in both] == [False] * len(plain) + [True] * len(fp8_conv.PERSISTENT_TILES)
 
 
 @gpu

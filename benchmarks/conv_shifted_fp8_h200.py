@@ -114,7 +114,7 @@ def block_times(x: torch.Tensor) -> dict[str, float]:
 
 
 def tile_rows(name, rows, size, c_in, c_out, *_) -> list[str]:
-    """Every tuning choice of sccsdxl.fp8_conv at one shape, the persistent ones too: ms, TFLOP/s, and the operand
+    """Every tuning choice of sccsdxl.fp8_conv at one shape, SCCSDXL_CONV_MORE_TILES=1's too: ms, TFLOP/s, and the operand
     tiles its programs load (each program loads a BM x BK and a BN x BK e4m3 tile per step, 9 C_in / BK steps; the
     grid covers the framed rows and whole channel tiles), in GB and per second: if that rate is the same for every
     tile, the kernel is bound by moving operands from L2, and larger tiles are what speeds it up."""
@@ -124,7 +124,7 @@ def tile_rows(name, rows, size, c_in, c_out, *_) -> list[str]:
     framed, w_k = framed_fp8(x.permute(0, 2, 3, 1), x_scale), w_q.reshape(c_out, -1).contiguous()
     flop = 2 * rows * size * size * c_out * c_in * 9
     out = []
-    for config in fp8_conv.fits(fp8_conv.configs(persistent=True), {"C_IN": c_in, "C_OUT": c_out}):
+    for config in fp8_conv.fits(fp8_conv.configs(more=True), {"C_IN": c_in, "C_OUT": c_out}):
         kw = config.kwargs
         launch = {**kw, "num_warps": config.num_warps, "num_stages": config.num_stages}
         ms = gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, launch))

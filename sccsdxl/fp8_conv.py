@@ -34,13 +34,16 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
-# persistent choices: a tile also as a persistent kernel, one program per SM walking the tiles in turn in one
-# flattened loop, so the loads of a program's next tile can run while it stores this one. The convolutions move 9-10
-# TB/s of operand tiles from L2 at every level (session 21), and the 128 x 256 tiles, one program per SM, cannot hide
-# their prologue and epilogue. Off until a GPU has run it; =1 adds them to the tuning's choices (read once). One
-# program per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM (benchmarks/kernels_ptx.py)
-PERSISTENT = env_flag("SCCSDXL_CONV_PERSISTENT")
-PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4))
+# more tuning choices, to try on a GPU: tiles of 256 x 128 outputs, which load 25 % fewer operand bytes per FLOP
+# than 128 x 128 ones (the convolutions move 9-10 TB/s of operand tiles from L2 at every level, session 21), and
+# persistent kernels, one program per SM walking the tiles in turn in one flattened loop, so the loads of a program's
+# next tile can run while it stores this one (a 128 x 256 or 256 x 128 tile fills an SM with one program, which
+# otherwise waits at each tile's start and end). Off until a GPU has run them; =1 adds them (read once). One program
+# per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM (benchmarks/kernels_ptx.py)
+MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES")
+WIDE_TILES = ((256, 128, 64, 8, 4), (256, 128, 128, 8, 3))
+PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
+                    *WIDE_TILES)
 
 if triton is not None:
     import triton.language as tl
@@ -48,23 +51,23 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
-    def configs(persistent: bool | None = None) -> list:
-        """The tuning's choices, one per tile, and with ``persistent`` (PERSISTENT unless given) the
+    def configs(more: bool | None = None) -> list:
+        """The tuning's choices, one per tile, and with ``more`` (MORE_TILES unless given) the WIDE_TILES and the
         PERSISTENT_TILES as persistent kernels."""
         choices = [(tile, False) for tile in TILES]
-        if PERSISTENT if persistent is None else persistent:
-            choices += [(tile, True) for tile in PERSISTENT_TILES]
+        if MORE_TILES if more is None else more:
+            choices += [(tile, False) for tile in WIDE_TILES] + [(tile, True) for tile in PERSISTENT_TILES]
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "PERSISTENT": walk}, num_warps=warps,
                               num_stages=stages) for (bm, bn, bk, warps, stages), walk in choices]
 
     def fits(configs, named_args, **kwargs):
-        """Only channel steps that divide the input channels; for a folded upsampler or a residual add no 256-wide
-        output tiles, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
+        """Only channel steps that divide the input channels; for a folded upsampler or a residual add no tiles
+        larger than 128 x 128 outputs, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
         def flag(name: str) -> bool:
             return bool(named_args.get(name, kwargs.get(name, False)))
         narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
         return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0
-                and not (narrow and c.kwargs["BN"] > 128)]
+                and not (narrow and c.kwargs["BM"] * c.kwargs["BN"] > 128 * 128)]
 
     def _set_blocks(args: dict) -> bool:
         """The TMA descriptors' blocks follow the tile being run; returns whether the output channels fill whole

@@ -290,8 +290,9 @@ def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
 
 @gpu
 @pytest.mark.parametrize("c_in,c_out", [(320, 320), (1280, 1280)])
-def test_every_persistent_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
-    """SCCSDXL_CONV_PERSISTENT=1's choices, with more tiles than programs, so each program runs several."""
+def test_every_added_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
+    """SCCSDXL_CONV_MORE_TILES=1's choices, the persistent ones with more tiles than programs, so each program runs
+    several."""
     torch.manual_seed(7)
     conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to("cuda", torch.bfloat16)
     fp8 = fp8_conv.Fp8Conv3x3(conv)
@@ -299,23 +300,31 @@ def test_every_persistent_choice_computes_the_reference_sums_on_the_gpu(c_in, c_
     with torch.no_grad():
         framed, amax = G.frame_e4m3(x)
         expected = fp8.reference(framed, amax, 8, 32, 32)
-    persistent = [c for c in fp8_conv.fits(fp8_conv.configs(persistent=True), {"C_IN": c_in, "C_OUT": c_out})
-                  if c.kwargs["PERSISTENT"]]
-    assert persistent
-    for config in persistent:
+    def key(config) -> tuple:
+        return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+    plain = {key(c) for c in fp8_conv.configs(more=False)}
+    added = [c for c in fp8_conv.fits(fp8_conv.configs(more=True), {"C_IN": c_in, "C_OUT": c_out})
+             if key(c) not in plain]
+    assert any(c.kwargs["PERSISTENT"] for c in added) and any(c.kwargs["BM"] == 256 for c in added)
+    for config in added:
         kw = config.kwargs
         y = torch.full((8, 32, 32, c_out), float("nan"), device="cuda", dtype=torch.bfloat16)
-        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), persistent=True,
+        fp8_conv.run_conv_config(framed, amax, fp8, y, (kw["BM"], kw["BN"], kw["BK"]), persistent=kw["PERSISTENT"],
                                  num_warps=config.num_warps, num_stages=config.num_stages)
         assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
 
 
-def test_persistent_choices_are_offered_only_when_switched_on():
+def test_the_added_choices_are_offered_only_when_switched_on():
     if triton is None:
         pytest.skip("needs the triton package")
-    plain, both = fp8_conv.configs(persistent=False), fp8_conv.configs(persistent=True)
+    plain, more = fp8_conv.configs(more=False), fp8_conv.configs(more=True)
     assert not any(c.kwargs["PERSISTENT"] for c in plain) and len(plain) == len(fp8_conv.TILES)
-    assert [c.kwargs["PERSISTENT"] for c in both] == [False] * len(plain) + [True] * len(fp8_conv.PERSISTENT_TILES)
+    assert len(more) == len(plain) + len(fp8_conv.WIDE_TILES) + len(fp8_conv.PERSISTENT_TILES)
+    assert sum(c.kwargs["PERSISTENT"] for c in more) == len(fp8_conv.PERSISTENT_TILES)
+    # a residual add's or a folded upsampler's epilogue: no tile larger than 128 x 128, persistent or not
+    for narrow in ({"HAS_RESIDUAL": True}, {"FOLDED": True}):
+        kept = fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow})
+        assert kept and max(c.kwargs["BM"] * c.kwargs["BN"] for c in kept) == 128 * 128
 
 
 @gpu

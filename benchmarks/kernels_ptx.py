@@ -28,7 +28,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from group_norm_ptx import module_at, ptxas_path, ptxas_report  # noqa: E402
 
-from sccsdxl import fp8_conv, fused, group_norm  # noqa: E402
+from sccsdxl import cross_attention, fp8_conv, fused, group_norm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -172,6 +172,24 @@ def convolution_rows() -> None:
                   f"{got['sass']} machine instructions |")
 
 
+def cross_attention_rows() -> None:
+    kernel = cross_attention._cross_attention_fp8_kernel.fn  # under the tuning
+    names = kernel.arg_names
+    types = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "out_ptr": "*fp8e4nv", "inv_scale_ptr": "*fp32",
+             **{n: "i32" for n in ("tokens", "keys", "q_stride", "kv_stride", "out_stride", "v_offset")},
+             "qk_scale": "fp32"}
+    aligned = tuple(names.index(n) for n in ("q_ptr", "kv_ptr", "out_ptr", "inv_scale_ptr", "q_stride", "kv_stride",
+                                             "out_stride", "v_offset"))
+    for config in cross_attention._cross_attention_fp8_kernel.configs:  # the tuning's choices
+        got = compiled(kernel, with_constants(names, types),
+                       {"HEAD_SIZE": 64, "KEYS": cross_attention.KEY_BLOCK, "FP8_MAX": fused.FP8_MAX, **config.kwargs},
+                       aligned, config.num_warps, 1)
+        print(f"| cross-attention, fp8 rows | {config.kwargs['BM']} tokens x {cross_attention.KEY_BLOCK} keys, "
+              f"{config.num_warps} warps | {got['ptxas']} | {got['wgmma']} wgmma ({got['wgmma shapes']}), "
+              f"{got['global loads']} global loads, {got['global stores']} global stores, {got['sass']} machine "
+              "instructions |")
+
+
 def main() -> None:
     revision = sys.argv[1] if len(sys.argv) > 1 else None
     print(f"Triton {triton.__version__}, sm_90\n")
@@ -188,6 +206,7 @@ def main() -> None:
     statistics_rows()
     print("\n| kernel | tile | ptxas | PTX |\n|---|---|---|---|")
     convolution_rows()
+    cross_attention_rows()
 
 
 if __name__ == "__main__":

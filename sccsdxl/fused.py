@@ -627,6 +627,10 @@ class Fp8TransformerBlock(torch.nn.Module):
         self.heads1, self.heads2 = attn1.heads, attn2.heads
         self.qkv, self.out1 = Fp8RowWeight(attn1.to_qkv), _row_weight(attn1.to_out[0])
         self.q2, self.kv2, self.out2 = Fp8RowWeight(attn2.to_q), attn2.to_kv, _row_weight(attn2.to_out[0])
+        from .cross_attention import FUSED_CROSS_ATTENTION
+
+        # the cross-attention as one kernel writing the output projection's fp8 rows (sccsdxl.cross_attention)
+        self.fused_cross_attention = FUSED_CROSS_ATTENTION
         ff = block.ff
         self.feed_forward = ff if _takes_fp8_rows(ff) else None
         if self.feed_forward is not None:
@@ -649,10 +653,16 @@ class Fp8TransformerBlock(torch.nn.Module):
         qkv = self.qkv.matmul(values, scales, dtype)
         attended = _merge_heads(F.scaled_dot_product_attention(*_split_heads(qkv, batch, 3, self.heads1)))
         x, values, scales = add_layer_norm_fp8_rows(self.out1.matmul(*fp8_rows(attended), dtype), x, self.norm2)
-        (query,) = _split_heads(self.q2.matmul(values, scales, dtype), batch, 1, self.heads2)
-        key, value = _split_heads(self.kv2(text), batch, 2, self.heads2)
-        attended = _merge_heads(F.scaled_dot_product_attention(query, key, value))
-        x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(*fp8_rows(attended), dtype), x, self.norm3)
+        query = self.q2.matmul(values, scales, dtype)
+        if self.fused_cross_attention:
+            from .cross_attention import cross_attention_fp8_rows
+
+            values, scales = cross_attention_fp8_rows(query, self.kv2(text), batch, self.heads2)
+        else:
+            (query,) = _split_heads(query, batch, 1, self.heads2)
+            key, value = _split_heads(self.kv2(text), batch, 2, self.heads2)
+            values, scales = fp8_rows(_merge_heads(F.scaled_dot_product_attention(query, key, value)))
+        x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(values, scales, dtype), x, self.norm3)
         if self.feed_forward is not None:
             return x, self.feed_forward.from_fp8(values, scales, dtype)
         up = self.up.matmul(values, scales, dtype)

@@ -1,0 +1,118 @@
+"""The transformer blocks' cross-attention over SDXL's 77 text tokens as one Triton kernel that writes the output
+projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off until a GPU has run it).
+
+With 77 keys the attention is a pass over its queries and outputs: cuDNN's kernel, the fastest of its engine
+configurations, runs it at about 2 TB/s (0.26 ms at the 1,024-token level at batch 50, BENCHMARKS.md session 21), and
+fp8_rows then reads its output again to quantize it for the output projection. Here one program takes a block of one
+image's tokens for one head with all of that head's keys and values, and writes the output already in e4m3.
+Quantizing per row would need every head of a row in one program; instead each image gets one scale, from its
+values: softmax weights are a convex combination, so every output of a head lies within the largest |value| of that
+head's values, and e4m3, a floating-point format, keeps its relative precision below the scale's top (down to 2**-15
+of it, where its subnormals start)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .fused import FP8, FP8_MAX, MIN_SCALE, _merge_heads, _split_heads, autotune, env_flag, triton
+
+# read once, when fused_norms' blocks are made
+FUSED_CROSS_ATTENTION = env_flag("SCCSDXL_FUSED_CROSS_ATTENTION")
+KEY_BLOCK = 128  # the keys, padded to a power of two (SDXL's 77 text tokens)
+
+if triton is not None:
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    if env_flag("TRITON_INTERPRET"):  # Triton 3.8's interpreter multiplies bf16 operands wrongly; fp32 holds them
+        @triton.jit
+        def _dot(a, b):
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        @triton.jit
+        def _dot(a, b):
+            """bf16 operands, fp32 sums: the tensor cores' product."""
+            return tl.dot(a, b)
+
+    @autotune(configs=[triton.Config({"BM": bm}, num_warps=warps) for bm, warps in ((64, 4), (128, 4), (128, 8))],
+              key=["tokens", "keys", "HEAD_SIZE"])
+    @triton.jit
+    def _cross_attention_fp8_kernel(q_ptr, kv_ptr, out_ptr, inv_scale_ptr, tokens, keys, q_stride, kv_stride,
+                                    out_stride, v_offset, qk_scale, HEAD_SIZE: tl.constexpr, KEYS: tl.constexpr,
+                                    BM: tl.constexpr, FP8_MAX: tl.constexpr):
+        """softmax(q k^T / sqrt(d)) v for BM tokens of image program_id(2) and head program_id(1), times the image's
+        inverse scale, stored as e4m3 where the head's columns of those rows lie. q: (images * tokens, heads * d);
+        kv: (images * keys, 2 * heads * d), keys before values (diffusers' fused k/v projection). qk_scale holds
+        log2(e), for exp2."""
+        block, head, image = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        token = block * BM + tl.arange(0, BM)
+        token_ok = token < tokens
+        columns = head * HEAD_SIZE + tl.arange(0, HEAD_SIZE)
+        rows = (image * tokens + token).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * q_stride + columns[None, :], mask=token_ok[:, None], other=0.0)
+        key = tl.arange(0, KEYS)
+        key_ok = key < keys
+        at = (image * keys + key).to(tl.int64)[:, None] * kv_stride + columns[None, :]
+        k = tl.load(kv_ptr + at, mask=key_ok[:, None], other=0.0)
+        v = tl.load(kv_ptr + at + v_offset, mask=key_ok[:, None], other=0.0)
+        s = tl.where(key_ok[None, :], _dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        p = tl.exp2(s - tl.max(s, axis=1)[:, None]).to(v.dtype)
+        # the sum of the weights as rounded for the product: each output a convex combination of values
+        out = _dot(p, v) / tl.sum(p.to(tl.float32), axis=1)[:, None]
+        out = tl.clamp(out * tl.load(inv_scale_ptr + image), -FP8_MAX, FP8_MAX)
+        tl.store(out_ptr + rows[:, None] * out_stride + columns[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=token_ok[:, None])
+
+    def _launch(kernel, query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor,
+                images: int, heads: int, **config) -> None:
+        """Run ``kernel`` on (images * tokens, width) ``query`` and (images * keys, 2 width) ``kv`` into ``out``."""
+        tokens, keys, width = query.shape[0] // images, kv.shape[0] // images, query.shape[1]
+        head_size = width // heads
+
+        def grid(meta):
+            return (triton.cdiv(tokens, meta["BM"]), heads, images)
+        kernel[grid](query, kv, out, inv_scale, tokens, keys, query.stride(0), kv.stride(0), out.stride(0), width,
+                     head_size ** -0.5 * math.log2(math.e), HEAD_SIZE=head_size, KEYS=KEY_BLOCK, FP8_MAX=FP8_MAX,
+                     **config)
+
+    def run_config(query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor, images: int,
+                   heads: int, bm: int, num_warps: int = 4) -> None:
+        """One configuration the tuning chooses from, run directly: for tests (Triton's interpreter) and benchmarks."""
+        _launch(_cross_attention_fp8_kernel.fn, query, kv, inv_scale, out, images, heads, BM=bm, num_warps=num_warps)
+
+    @triton_op("sccsdxl::cross_attention_fp8_rows", mutates_args=())
+    def _cross_attention_gpu(query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, images: int,
+                             heads: int) -> torch.Tensor:
+        out = torch.empty(query.shape, device=query.device, dtype=FP8)
+        _launch(wrap_triton(_cross_attention_fp8_kernel), query, kv, inv_scale, out, images, heads)
+        return out
+
+
+def image_scales(kv: torch.Tensor, images: int) -> torch.Tensor:
+    """(images * keys, 2 width) keys and values -> (images,) fp32 e4m3 scales, each image's largest |value| / 448."""
+    values = kv.reshape(images, -1, 2, kv.shape[-1] // 2)[:, :, 1]
+    return (values.abs().amax(dim=(1, 2)).float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def cross_attention_fp8_rows_reference(query: torch.Tensor, kv: torch.Tensor, images: int,
+                                       heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition: SDPA of the split heads, merged, divided by the image's scale and cast to e4m3; returns the
+    (rows, width) e4m3 values and (rows, 1) fp32 scales that Fp8RowWeight.matmul takes."""
+    scales = image_scales(kv, images).repeat_interleave(query.shape[0] // images)[:, None]
+    (q,) = _split_heads(query, images, 1, heads)
+    attended = _merge_heads(F.scaled_dot_product_attention(q, *_split_heads(kv, images, 2, heads)))
+    return (attended.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
+
+
+def cross_attention_fp8_rows(query: torch.Tensor, kv: torch.Tensor, images: int,
+                             heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention of (images * tokens, width) queries over (images * keys, 2 width) keys and values, as the
+    output projection's fp8 input: (rows, width) e4m3 values and (rows, 1) fp32 scales, one scale per image."""
+    kv = kv.reshape(-1, kv.shape[-1])
+    if not (query.is_cuda and triton is not None) or kv.shape[0] // images > KEY_BLOCK:
+        return cross_attention_fp8_rows_reference(query, kv, images, heads)
+    scale = image_scales(kv, images)
+    values = _cross_attention_gpu(query.contiguous(), kv.contiguous(), 1.0 / scale, images, heads)
+    return values, scale.repeat_interleave(query.shape[0] // images)[:, None]

@@ -40,6 +40,7 @@ as a head and tail like the GEGLU kernel's (1280 = 1024 + 256).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -81,11 +82,17 @@ def autotune(configs: list, key: list[str], **options):
     """triton.autotune, with its cache_results on (CACHE_TUNING) where this Triton has it: a warm start then loads
     each kernel's timings instead of timing every configuration again. Triton keeps nothing for configurations with
     a pre-hook, so the kit's kernels have none."""
-    import inspect
-
-    if CACHE_TUNING and "cache_results" in inspect.signature(triton.autotune).parameters:
+    if CACHE_TUNING and _autotune_keeps_results():
         options["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **options)
+
+
+@functools.cache
+def _autotune_keeps_results() -> bool:
+    """Whether this Triton's autotune takes cache_results (asked once, not at each of the kit's kernels)."""
+    import inspect
+
+    return "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def available() -> bool:

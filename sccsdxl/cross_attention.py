@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .fused import FP8, FP8_MAX, MIN_SCALE, _merge_heads, _split_heads, autotune, env_flag, triton
+from .fused import FP8, FP8_MAX, MIN_SCALE, autotune, cross_attend, env_flag, triton
 
 # read once, when fused_norms' blocks are made
 FUSED_CROSS_ATTENTION = env_flag("SCCSDXL_FUSED_CROSS_ATTENTION")
@@ -101,8 +100,7 @@ def cross_attention_fp8_rows_reference(query: torch.Tensor, kv: torch.Tensor, im
     """The definition: SDPA of the split heads, merged, divided by the image's scale and cast to e4m3; returns the
     (rows, width) e4m3 values and (rows, 1) fp32 scales that Fp8RowWeight.matmul takes."""
     scales = image_scales(kv, images).repeat_interleave(query.shape[0] // images)[:, None]
-    (q,) = _split_heads(query, images, 1, heads)
-    attended = _merge_heads(F.scaled_dot_product_attention(q, *_split_heads(kv, images, 2, heads)))
+    attended = cross_attend(query, kv, images, heads)
     return (attended.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
 
 

@@ -589,6 +589,13 @@ def _merge_heads(attended: torch.Tensor) -> torch.Tensor:
     return attended.transpose(1, 2).reshape(batch * tokens, heads * head_size)
 
 
+def cross_attend(query: torch.Tensor, kv: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """SDPA of (batch * tokens, width) queries over the fused k/v projection of the text ((batch * keys, 2 width)
+    or (batch, keys, 2 width)), the heads merged back: (batch * tokens, width)."""
+    (q,) = _split_heads(query, batch, 1, heads)
+    return _merge_heads(F.scaled_dot_product_attention(q, *_split_heads(kv, batch, 2, heads)))
+
+
 def _plain_attention(attention: torch.nn.Module) -> bool:
     """A diffusers Attention whose processor does nothing beyond projections, SDPA and the output projection."""
     return (attention.spatial_norm is None and attention.group_norm is None and attention.norm_q is None
@@ -666,9 +673,7 @@ class Fp8TransformerBlock(torch.nn.Module):
 
             values, scales = cross_attention_fp8_rows(query, self.kv2(text), batch, self.heads2)
         else:
-            (query,) = _split_heads(query, batch, 1, self.heads2)
-            key, value = _split_heads(self.kv2(text), batch, 2, self.heads2)
-            values, scales = fp8_rows(_merge_heads(F.scaled_dot_product_attention(query, key, value)))
+            values, scales = fp8_rows(cross_attend(query, self.kv2(text), batch, self.heads2))
         x, values, scales = add_layer_norm_fp8_rows(self.out2.matmul(values, scales, dtype), x, self.norm3)
         if self.feed_forward is not None:
             return x, self.feed_forward.from_fp8(values, scales, dtype)

@@ -5,11 +5,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sccsdxl import cross_attention as X
 from sccsdxl import fused
-from sccsdxl.fused import _merge_heads, _split_heads
+from sccsdxl.fused import cross_attend
 from conftest import assert_interpreted_ok, relative_error
 from test_fused import block_inputs, sdxl_block
 
@@ -27,8 +26,8 @@ def attention_inputs(images: int, tokens: int, heads: int, head_size: int, keys:
 
 
 def sdpa(query: torch.Tensor, kv: torch.Tensor, images: int, heads: int) -> torch.Tensor:
-    (q,) = _split_heads(query.float(), images, 1, heads)
-    return _merge_heads(F.scaled_dot_product_attention(q, *_split_heads(kv.float(), images, 2, heads)))
+    """The attention in fp32: what the e4m3 outputs are measured against."""
+    return cross_attend(query.float(), kv.float(), images, heads)
 
 
 def test_the_reference_is_sdpa_in_e4m3_with_one_scale_per_image():
@@ -52,9 +51,8 @@ def test_every_output_lies_within_its_images_largest_value():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    import torch.nn.functional as F
     from sccsdxl import cross_attention as X
-    from sccsdxl.fused import _merge_heads, _split_heads
+    from sccsdxl.fused import cross_attend
 
     torch.manual_seed(5)
     for images, tokens, heads, head_size, keys in ((2, 40, 2, 16, 77), (3, 16, 3, 32, 5)):
@@ -62,8 +60,7 @@ INTERPRETED = textwrap.dedent("""
         query = torch.randn(images * tokens, width).to(torch.bfloat16)
         kv = (torch.randn(images * keys, 2 * width) * 2).to(torch.bfloat16)
         scale = X.image_scales(kv, images)
-        (q,) = _split_heads(query.float(), images, 1, heads)
-        exact = _merge_heads(F.scaled_dot_product_attention(q, *_split_heads(kv.float(), images, 2, heads)))
+        exact = cross_attend(query.float(), kv.float(), images, heads)
         for bm in (16, 32):  # several blocks of tokens, the last one partial
             # fp32 output: the kernel's values before the e4m3 cast (the interpreter's own cast is not exact; the
             # hardware's is tested on the GPU)

@@ -275,7 +275,6 @@ def test_compiled_upsample_on_the_gpu_matches_the_folded_one(channels, size):
     assert relative_error(compiled, eager) < 0.01
 
 
-
 def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
     if triton is None:
         pytest.skip("needs the triton package")

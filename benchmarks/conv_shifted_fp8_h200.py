@@ -114,9 +114,9 @@ def block_times(x: torch.Tensor) -> dict[str, float]:
 
 
 def tile_rows(name, rows, size, c_in, c_out, *_) -> list[str]:
-    """Every tuning choice of sccsdxl.fp8_conv at one shape, SCCSDXL_CONV_MORE_TILES=1's too: ms, TFLOP/s, and the operand
-    tiles its programs load (each program loads a BM x BK and a BN x BK e4m3 tile per step, 9 C_in / BK steps; the
-    grid covers the framed rows and whole channel tiles), in GB and per second: if that rate is the same for every
+    """Every tuning choice of sccsdxl.fp8_conv at one shape, the larger and persistent tiles too: ms, TFLOP/s, and the
+    operand tiles its programs load (each program loads a BM x BK and a BN x BK e4m3 tile per step, 9 C_in / BK steps;
+    the grid covers the framed rows and whole channel tiles), in GB and per second: if that rate is the same for every
     tile, the kernel is bound by moving operands from L2, and larger tiles are what speeds it up."""
     x, weight, bias = case(rows, size, c_in, c_out, "cuda")
     x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)

@@ -4,7 +4,8 @@ it: cuDNN's attention (PyTorch SDPA), then fp8_rows quantizing its output per ro
 At the UNet's two transformer levels at 100 rows (batch 50 with guidance), queries from the q projection and the
 text's fused k/v projection (77 tokens): ms of each path compiled as the blocks run it, the bytes the fused kernel
 must move (queries read, e4m3 written) per second, each path's error against the fp32 attention, and each tuning
-choice of the kernel. Run on a GPU node:
+choice of the kernel; then the GPU kernels of one call of each compiled path (session 22 found the compiled fused
+path 2.7x slower than its kernel alone). Run on a GPU node:
   python3 benchmarks/cross_attention_h200.py
 """
 from __future__ import annotations
@@ -36,15 +37,18 @@ def run_case(name: str, tokens: int, heads: int) -> list[str]:
     kv = torch.randn(ROWS * 77, 2 * width, device="cuda", dtype=torch.bfloat16)
     exact = cross_attend(query.float(), kv.float(), ROWS, heads)
     moved = query.numel() * 3  # bf16 queries read, e4m3 written
-    rows = []
+    rows, kernels = [], {}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        for label, path, args in (("cuDNN attention + fp8_rows", torch.compile(unfused), (query, kv, heads)),
-                                  ("sccsdxl.cross_attention, tuned", torch.compile(X.cross_attention_fp8_rows),
-                                   (query, kv, ROWS, heads))):
+        # static shapes, as the kit compiles its blocks: a recompile with dynamic ones fails to launch the kernel
+        for label, path, args in (("cuDNN attention + fp8_rows", torch.compile(unfused, dynamic=False),
+                                   (query, kv, heads)),
+                                  ("sccsdxl.cross_attention, tuned",
+                                   torch.compile(X.cross_attention_fp8_rows, dynamic=False), (query, kv, ROWS, heads))):
             values, scales = path(*args)
             ms = gpu_ms(lambda: path(*args))
             error = relative_error(values.float() * scales, exact)
             rows.append(f"| {name} | {label} | {ms:.3f} | {moved / ms / 1e6:.0f} | {error:.4f} |")
+            kernels[label] = kernel_table(lambda: path(*args))
     scale = X.image_scales(kv, ROWS)
     out = torch.empty(query.shape, device="cuda", dtype=FP8)
     for config in X._cross_attention_fp8_kernel.configs:
@@ -53,7 +57,16 @@ def run_case(name: str, tokens: int, heads: int) -> list[str]:
         error = relative_error(out.float() * scale.repeat_interleave(tokens)[:, None], exact)
         rows.append(f"| {name} | kernel alone, {bm} tokens, {warps} warps | {ms:.3f} | {moved / ms / 1e6:.0f} | "
                     f"{error:.4f} |")
-    return rows
+    return rows + [f"\n{name}, {label}: one call's GPU kernels\n{table}" for label, table in kernels.items()]
+
+
+def kernel_table(call) -> str:
+    """torch.profiler's table of the GPU kernels one call runs, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=10)
 
 
 def main() -> None:

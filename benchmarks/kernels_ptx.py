@@ -150,7 +150,7 @@ def convolution_rows() -> None:
     kernel = fp8_conv._shifted_conv_kernel.fn.fn  # under the tuning and the heuristic that sets the TMA blocks
     names = kernel.arg_names
     # fp8_convs' 3x3 convolutions (the first of each block, and the second with the residual add); fp8_upsamplers'
-    # four phases; with SCCSDXL_CONV_MORE_TILES=1's choices (256 x 128 tiles, persistent kernels)
+    # four phases; every choice, the 256 x 128 tiles and persistent kernels too
     for form, folded, residual in (("", False, False), (", residual", False, True), (", folded upsampler", True, False)):
         for config in fp8_conv.configs(more=True):
             kw = config.kwargs

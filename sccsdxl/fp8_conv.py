@@ -34,13 +34,14 @@ K_BLOCKS = tuple(sorted({tile[2] for tile in TILES}))  # one must divide a convo
 # each ResNet block's residual add (and output scale) in its second convolution's epilogue, one pass over the block's
 # output fewer: on unless =0 (read once, when the blocks are made); session 19 measured it in the fastest configuration
 RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
-# more tuning choices, to try on a GPU: tiles of 256 x 128 outputs, which load 25 % fewer operand bytes per FLOP
-# than 128 x 128 ones (the convolutions move 9-10 TB/s of operand tiles from L2 at every level, session 21), and
-# persistent kernels, one program per SM walking the tiles in turn in one flattened loop, so the loads of a program's
-# next tile can run while it stores this one (a 128 x 256 or 256 x 128 tile fills an SM with one program, which
-# otherwise waits at each tile's start and end). Off until a GPU has run them; =1 adds them (read once). One program
-# per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM (benchmarks/kernels_ptx.py)
-MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES")
+# more tuning choices: tiles of 256 x 128 outputs, which load 25 % fewer operand bytes per FLOP than 128 x 128 ones
+# (the convolutions move 9-10 TB/s of operand tiles from L2 at every level, session 21), and persistent kernels, one
+# program per SM walking the tiles in turn in one flattened loop, so the loads of a program's next tile can run while
+# it stores this one (a 128 x 256 or 256 x 128 tile fills an SM with one program, which otherwise waits at each tile's
+# start and end). On since session 22 (+1.3 % through loadgen, the eight convolutions alone 7 % faster); =0 leaves
+# them out (read once). One program per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM
+# (benchmarks/kernels_ptx.py)
+MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES", default=True)
 WIDE_TILES = ((256, 128, 64, 8, 4), (256, 128, 128, 8, 3))
 PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
                     *WIDE_TILES)

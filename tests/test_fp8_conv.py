@@ -1,4 +1,5 @@
 """sccsdxl.fp8_conv (option fp8_convs) and the framed e4m3 output of sccsdxl.group_norm it reads."""
+import os
 import textwrap
 
 import pytest
@@ -290,8 +291,8 @@ def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
 @gpu
 @pytest.mark.parametrize("c_in,c_out", [(320, 320), (1280, 1280)])
 def test_every_added_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
-    """SCCSDXL_CONV_MORE_TILES=1's choices, the persistent ones with more tiles than programs, so each program runs
-    several."""
+    """The added choices (SCCSDXL_CONV_MORE_TILES, on unless =0), the persistent ones with more tiles than programs,
+    so each program runs several."""
     torch.manual_seed(7)
     conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to("cuda", torch.bfloat16)
     fp8 = fp8_conv.Fp8Conv3x3(conv)
@@ -313,13 +314,16 @@ def test_every_added_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
         assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
 
 
-def test_the_added_choices_are_offered_only_when_switched_on():
+def test_the_added_choices_are_offered_unless_switched_off():
     if triton is None:
         pytest.skip("needs the triton package")
     plain, more = fp8_conv.configs(more=False), fp8_conv.configs(more=True)
     assert not any(c.kwargs["PERSISTENT"] for c in plain) and len(plain) == len(fp8_conv.TILES)
     assert len(more) == len(plain) + len(fp8_conv.WIDE_TILES) + len(fp8_conv.PERSISTENT_TILES)
     assert sum(c.kwargs["PERSISTENT"] for c in more) == len(fp8_conv.PERSISTENT_TILES)
+    # the kernel's tuning takes them unless the environment says SCCSDXL_CONV_MORE_TILES=0
+    switched_off = os.environ.get("SCCSDXL_CONV_MORE_TILES") == "0"
+    assert len(fp8_conv._shifted_conv_kernel.configs) == len(plain if switched_off else more)
     # a residual add's or a folded upsampler's epilogue: no tile larger than 128 x 128, persistent or not
     for narrow in ({"HAS_RESIDUAL": True}, {"FOLDED": True}):
         kept = fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow})

@@ -20,6 +20,8 @@ writing bf16, then cuDNN) against fp8_convs (group_norm_framed_fp8: the frame ze
 value, the e4m3 write; then sccsdxl.fp8_conv). Run on a Hopper GPU node:
   python3 benchmarks/conv_shifted_fp8_h200.py            # or --interpret on a CPU: tiny shapes, correctness only
   python3 benchmarks/conv_shifted_fp8_h200.py --tiles    # every tuning choice at each shape, with its operand traffic
+  python3 benchmarks/conv_shifted_fp8_h200.py --tiles --residual   # the same with a ResNet block's residual add in
+                                                         # the epilogue, SCCSDXL_CONV_SPLIT_EPILOGUES=1's tiles too
 """
 from __future__ import annotations
 
@@ -50,14 +52,15 @@ def framed_fp8(x_nhwc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def kit_conv(framed: torch.Tensor, w_k: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-             bias: torch.Tensor | None, n: int, h: int, w: int, config: dict | None = None) -> torch.Tensor:
+             bias: torch.Tensor | None, n: int, h: int, w: int, config: dict | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """sccsdxl.fp8_conv's kernel on ``framed`` (from framed_fp8) and ``w_k`` ((C_out, 9 C_in), taps before
-    channels), the input scale given as its largest value; ``config``: fixed tiles instead of tuning. Returns
-    (N, H, W, C_out) bf16."""
+    channels), the input scale given as its largest value; ``config``: fixed tiles instead of tuning; ``residual``
+    ((N, H, W, C_out)): added in the epilogue, the sum halved. Returns (N, H, W, C_out) bf16."""
     y = torch.empty(n, h, w, w_k.shape[0], device=framed.device, dtype=torch.bfloat16)
     kernel = fp8_conv._shifted_conv_kernel
     fp8_conv._launch(kernel if config is None else kernel.fn, framed, x_scale * FP8_MAX, w_k, w_scale, bias, y, h,
-                     w, **(config or {}))
+                     w, residual=residual, residual_scale=0.5, **(config or {}))
     return y
 
 
@@ -113,26 +116,30 @@ def block_times(x: torch.Tensor) -> dict[str, float]:
                 "norm framed": gpu_ms(lambda: G.group_norm_framed_fp8(x, norm))}
 
 
-def tile_rows(name, rows, size, c_in, c_out, *_) -> list[str]:
+def tile_rows(name, rows, size, c_in, c_out, *_, residual: bool = False) -> list[str]:
     """Every tuning choice of sccsdxl.fp8_conv at one shape, the larger and persistent tiles too: ms, TFLOP/s, and the
     operand tiles its programs load (each program loads a BM x BK and a BN x BK e4m3 tile per step, 9 C_in / BK steps;
     the grid covers the framed rows and whole channel tiles), in GB and per second: if that rate is the same for every
-    tile, the kernel is bound by moving operands from L2, and larger tiles are what speeds it up."""
+    tile, the kernel is bound by moving operands from L2, and larger tiles are what speeds it up. ``residual``: with
+    a residual add in the epilogue, the tiles above 128 x 128 outputs storing it in halves."""
     x, weight, bias = case(rows, size, c_in, c_out, "cuda")
     x_scale = (x.abs().amax().float() / FP8_MAX).reshape(1)
     w_q, w_scale = gathered.quantize_out_channels(weight.permute(0, 2, 3, 1).contiguous())
     framed, w_k = framed_fp8(x.permute(0, 2, 3, 1), x_scale), w_q.reshape(c_out, -1).contiguous()
     flop = 2 * rows * size * size * c_out * c_in * 9
+    shortcut = torch.randn(rows, size, size, c_out, device="cuda", dtype=torch.bfloat16) if residual else None
     out = []
-    for config in fp8_conv.fits(fp8_conv.configs(more=True), {"C_IN": c_in, "C_OUT": c_out}):
+    args = {"C_IN": c_in, "C_OUT": c_out, "HAS_RESIDUAL": residual}
+    for config in fp8_conv.fits(fp8_conv.configs(more=True), args, split_epilogues=True):
         kw = config.kwargs
         launch = {**kw, "num_warps": config.num_warps, "num_stages": config.num_stages}
-        ms = gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, launch))
+        ms = gpu_ms(lambda: kit_conv(framed, w_k, x_scale, w_scale, bias, rows, size, size, launch, shortcut))
         tiles = -(-framed.shape[0] // kw["BM"]) * -(-c_out // kw["BN"])
         moved = tiles * (9 * c_in // kw["BK"]) * (kw["BM"] + kw["BN"]) * kw["BK"] / 1e9
-        out.append(f"| {name} | {kw['BM']} x {kw['BN']} x {kw['BK']}, {config.num_warps} warps, "
-                   f"{config.num_stages} stages{', persistent' if kw['PERSISTENT'] else ''} | {ms:.3f} | "
-                   f"{flop / ms / 1e9:.0f} | {moved:.1f} | {moved / ms:.2f} |")
+        form = ", persistent" if kw["PERSISTENT"] else ""
+        out.append(f"| {name}{', residual' if residual else ''} | {kw['BM']} x {kw['BN']} x {kw['BK']}, "
+                   f"{config.num_warps} warps, {config.num_stages} stages{form} | {ms:.3f} | {flop / ms / 1e9:.0f} | "
+                   f"{moved:.1f} | {moved / ms:.2f} |")
     return out
 
 
@@ -142,7 +149,7 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
         print("| shape | tile | ms | TFLOP/s | operand tiles loaded, GB | TB/s |\n|---|---|---|---|---|---|")
         for shape in SHAPES:
-            print("\n".join(tile_rows(*shape)), flush=True)
+            print("\n".join(tile_rows(*shape, residual="--residual" in sys.argv)), flush=True)
         return
     run_experiment(run_case, TINY, SHAPES, "rel. error vs the dequantized convolution | vs cuDNN bf16",
                    "cuDNN bf16 ms (TFLOP/s) | conv_fp8_h200's gathered fp8 ms (TFLOP/s) | sccsdxl.fp8_conv ms "

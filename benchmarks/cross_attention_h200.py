@@ -4,8 +4,9 @@ it: cuDNN's attention (PyTorch SDPA), then fp8_rows quantizing its output per ro
 At the UNet's two transformer levels at 100 rows (batch 50 with guidance), queries from the q projection and the
 text's fused k/v projection (77 tokens): ms of each path compiled as the blocks run it, the bytes the fused kernel
 must move (queries read, e4m3 written) per second, each path's error against the fp32 attention, and each tuning
-choice of the kernel; then the GPU kernels of one call of each compiled path (session 22 found the compiled fused
-path 2.7x slower than its kernel alone). Run on a GPU node:
+choice of the kernel; then the GPU kernels of one call of each compiled path (session 22 found the fused path,
+compiled as a triton_op, 2.6x slower than its kernel alone: the kernel's own time; it is an opaque op since). Run on a
+GPU node:
   python3 benchmarks/cross_attention_h200.py
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The transformer blocks' cross-attention over SDXL's 77 text tokens as one Triton kernel that writes the output
-projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off until a GPU has run it).
+projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off: alone 9 % faster than cuDNN's
+attention and fp8_rows on the H200, not yet measured through loadgen, session 22).
 
 With 77 keys the attention is a pass over its queries and outputs: cuDNN's kernel, the fastest of its engine
 configurations, runs it at about 2 TB/s (0.26 ms at the 1,024-token level at batch 50, BENCHMARKS.md session 21), and
@@ -23,7 +24,6 @@ KEY_BLOCK = 128  # the keys, padded to a power of two (SDXL's 77 text tokens)
 
 if triton is not None:
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
 
     if env_flag("TRITON_INTERPRET"):  # Triton 3.8's interpreter multiplies bf16 operands wrongly; fp32 holds them
         @triton.jit
@@ -81,12 +81,18 @@ if triton is not None:
         """One configuration the tuning chooses from, run directly: for tests (Triton's interpreter) and benchmarks."""
         _launch(_cross_attention_fp8_kernel.fn, query, kv, inv_scale, out, images, heads, BM=bm, num_warps=num_warps)
 
-    @triton_op("sccsdxl::cross_attention_fp8_rows", mutates_args=())
+    # an opaque op, as sccsdxl.fp8_conv's: as a triton_op, inductor's launch of this kernel took 2.6 times its
+    # tuned eager launch on the H200 (0.873 against 0.337 ms at the 1,024-token level, session 22)
+    @torch.library.custom_op("sccsdxl::cross_attention_fp8_rows", mutates_args=(), device_types="cuda")
     def _cross_attention_gpu(query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, images: int,
                              heads: int) -> torch.Tensor:
         out = torch.empty(query.shape, device=query.device, dtype=FP8)
-        _launch(wrap_triton(_cross_attention_fp8_kernel), query, kv, inv_scale, out, images, heads)
+        _launch(_cross_attention_fp8_kernel, query, kv, inv_scale, out, images, heads)
         return out
+
+    @_cross_attention_gpu.register_fake
+    def _cross_attention_shape(query, kv, inv_scale, images, heads):
+        return torch.empty(query.shape, device=query.device, dtype=FP8)
 
 
 def image_scales(kv: torch.Tensor, images: int) -> torch.Tensor:

@@ -42,6 +42,10 @@ RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
 # them out (read once). One program per SM only: at 130-250 registers per thread two of 256 threads do not fit an SM
 # (benchmarks/kernels_ptx.py)
 MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES", default=True)
+# the residual add's and the folded upsampler's forms take only tiles of at most 128 x 128 outputs, as larger ones
+# spilled 20-472 bytes of registers in their epilogues; with their epilogue stored in two halves of the tile's
+# columns, 0-28 bytes (benchmarks/kernels_ptx.py), so =1 offers them every tile too. Off until a GPU has run it
+SPLIT_EPILOGUES = env_flag("SCCSDXL_CONV_SPLIT_EPILOGUES")
 WIDE_TILES = ((256, 128, 64, 8, 4), (256, 128, 128, 8, 3))
 PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
                     *WIDE_TILES)
@@ -61,12 +65,13 @@ if triton is not None:
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, "PERSISTENT": walk}, num_warps=warps,
                               num_stages=stages) for (bm, bn, bk, warps, stages), walk in choices]
 
-    def fits(configs, named_args, **kwargs):
+    def fits(configs, named_args, split_epilogues: bool | None = None, **kwargs):
         """Only channel steps that divide the input channels; for a folded upsampler or a residual add no tiles
-        larger than 128 x 128 outputs, whose epilogues spill registers (benchmarks/kernels_ptx.py)."""
+        larger than 128 x 128 outputs unless ``split_epilogues`` (SPLIT_EPILOGUES unless given)."""
         def flag(name: str) -> bool:
             return bool(named_args.get(name, kwargs.get(name, False)))
-        narrow = flag("FOLDED") or flag("HAS_RESIDUAL")
+        split = SPLIT_EPILOGUES if split_epilogues is None else split_epilogues
+        narrow = not split and (flag("FOLDED") or flag("HAS_RESIDUAL"))
         return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0
                 and not (narrow and c.kwargs["BM"] * c.kwargs["BN"] > 128 * 128)]
 
@@ -137,13 +142,35 @@ if triton is not None:
             a = x_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
             acc = tl.dot(a, b.T, acc)
+        if (HAS_RESIDUAL or FOLDED) and BM * BN > 128 * 128:
+            # a residual add's or a folded upsampler's epilogue over the whole tile spills registers (SPLIT_EPILOGUES):
+            # store it as two halves of its columns, each with half the addresses and residual values live
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _conv_epilogue(left, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                           residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
+                           MIN_SCALE, EVEN_N)
+            _conv_epilogue(right, pid_m, pid_n * BN + BN // 2, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                           residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
+                           MIN_SCALE, EVEN_N)
+        else:
+            _conv_epilogue(acc, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                           residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN, FP8_MAX,
+                           MIN_SCALE, EVEN_N)
+
+    @triton.jit
+    def _conv_epilogue(acc, pid_m, first_channel, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                       residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FP8_MAX: tl.constexpr,
+                       MIN_SCALE: tl.constexpr, EVEN_N: tl.constexpr):
+        """Scale, bias, residual add and store of the BM x BN sums ``acc``: the tile's rows, channels from
+        ``first_channel``."""
         q = pid_m * BM + tl.arange(0, BM)
         per_image = (H + 2) * (W + 2)
         image = q // per_image
         row, column = (q % per_image) // (W + 2), q % (W + 2)
         if not FOLDED:
             inside = (q < FRAMED) & (row >= 1) & (row <= H) & (column >= 1) & (column <= W)
-        rn = pid_n * BN + tl.arange(0, BN)
+        rn = first_channel + tl.arange(0, BN)
         if EVEN_N:
             n_ok = tl.full((BN,), True, tl.int1)
         else:

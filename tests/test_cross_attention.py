@@ -91,11 +91,11 @@ def test_the_kernel_computes_its_definition_on_the_gpu(tokens, heads):
     assert torch.equal(scales, ref_scales)
     assert relative_error(values.float(), ref_values.float()) < 0.02  # e4m3 steps where the two round apart
     assert relative_error(values.float() * scales, sdpa(query, kv, 4, heads)) < 0.05
-    # static shapes, as the kit compiles its blocks (automatic dynamic shapes off): on the H200 the second shape's
-    # recompile with dynamic ones failed to launch the kernel (a float in its grid, session 22). Inductor tunes the
-    # kernel anew and may run another tile than the eager call, so the values may round apart by an e4m3 step
+    # static shapes, as the kit compiles its blocks. Compiled, the op is opaque: the same tuned launch as the eager
+    # call, so the same values (as a triton_op, inductor ran the kernel 2.6x slower, tuned it anew and, recompiling
+    # with dynamic shapes, put a float in its grid: session 22)
     compiled = torch.compile(X.cross_attention_fp8_rows, fullgraph=True, dynamic=False)(query, kv, 4, heads)
-    assert torch.equal(compiled[1], scales) and relative_error(compiled[0].float(), ref_values.float()) < 0.02
+    assert torch.equal(compiled[0].float(), values.float()) and torch.equal(compiled[1], scales)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])

@@ -169,6 +169,12 @@ INTERPRETED = textwrap.dedent("""
             fp8_conv.run_conv_config(framed, amax, fp8, y, (16, 16, 32), residual if with_residual else None, 0.5,
                                      persistent=True)
             assert torch.equal(y.permute(0, 3, 1, 2).float(), got), (where, "persistent")
+            if with_residual:  # a tile above 128 x 128 outputs: the residual's epilogue in two halves of its columns
+                y = torch.full((n, size, size, 40), float("nan"), dtype=torch.bfloat16)
+                fp8_conv.run_conv_config(framed, amax, fp8, y, (256, 128, 32), residual, 0.5)
+                halves = y.permute(0, 3, 1, 2).float()
+                error = float((halves - expected).norm() / expected.norm())
+                assert not halves.isnan().any() and error < 0.01, (where, "halves")
     # a folded upsampler: the plain framing kernel, then the kernel's four phases written interleaved; 3 images of
     # 5 x 5 (partial tiles), 24 channels per phase (96 outputs: partial channel tiles)
     from diffusers.models.upsampling import Upsample2D
@@ -190,6 +196,10 @@ INTERPRETED = textwrap.dedent("""
     got = y.permute(0, 3, 1, 2).float()
     assert not got.isnan().any()  # every pixel of every phase written
     assert float((got - expected).norm() / expected.norm()) < 0.01
+    y = torch.full((n, 2 * size, 2 * size, 24), float("nan"), dtype=torch.bfloat16)
+    fp8_conv.run_conv_config(framed, amax, up, y, (128, 256, 32))  # the epilogue in halves, the second one masked
+    halves = y.permute(0, 3, 1, 2).float()
+    assert not halves.isnan().any() and float((halves - expected).norm() / expected.norm()) < 0.01
     print("kernel ok")
 """)
 
@@ -284,8 +294,10 @@ def test_the_tuning_offers_only_channel_steps_that_divide_the_input_channels():
         return {c.kwargs["BK"] for c in fp8_conv.fits(fp8_conv.configs(), args)}
     assert steps(C_IN=320) == {32, 64} and steps(C_IN=960) == {32, 64}  # 128 divides neither
     assert steps(C_IN=640) == steps(C_IN=1280) == {32, 64, 128}
-    wide = [c for c in fp8_conv.fits(fp8_conv.configs(), {"C_IN": 1280, "HAS_RESIDUAL": True}) if c.kwargs["BN"] > 128]
-    assert wide == []  # the residual's epilogue spills with 256-wide output tiles
+    residual = {"C_IN": 1280, "HAS_RESIDUAL": True}
+    wide = [c for c in fp8_conv.fits(fp8_conv.configs(), residual, split_epilogues=False) if c.kwargs["BN"] > 128]
+    assert wide == []  # the residual's epilogue spills with 256-wide output tiles, unless stored in halves
+    assert [c for c in fp8_conv.fits(fp8_conv.configs(), residual, split_epilogues=True) if c.kwargs["BN"] > 128]
 
 
 @gpu
@@ -314,6 +326,41 @@ def test_every_added_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
         assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, kw
 
 
+@gpu
+def test_every_tile_with_its_epilogue_in_halves_computes_the_reference_on_the_gpu():
+    """SCCSDXL_CONV_SPLIT_EPILOGUES=1's choices: the tiles above 128 x 128 outputs, persistent ones too, with a
+    residual add (1,280 channels) and as a folded upsampler (640 channels, 2,560 phase outputs)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from sccsdxl.upsample import FoldedUpsample
+
+    torch.manual_seed(8)
+    conv = fp8_conv.Fp8Conv3x3(torch.nn.Conv2d(1280, 1280, 3, padding=1).to("cuda", torch.bfloat16))
+    upsample = Upsample2D(640, use_conv=True).to("cuda", torch.bfloat16)
+    up = fp8_conv.Fp8Upsample(FoldedUpsample(upsample))
+    for module, c_in, size in ((conv, 1280, 32), (up, 640, 32)):
+        folded = module is up
+        x = torch.randn(8, c_in, size, size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            framed, amax = G.frame_e4m3(x.contiguous(memory_format=torch.channels_last))
+            expected = module.reference(framed, amax, 8, size, size).float()
+        out_size, c_out = (2 * size, 640) if folded else (size, 1280)
+        residual = None if folded else torch.randn(8, size, size, c_out, device="cuda", dtype=torch.bfloat16)
+        if residual is not None:
+            expected = (expected + residual.permute(0, 3, 1, 2).float()) * 0.5
+        wide = [c for c in fp8_conv.fits(fp8_conv.configs(more=True), {"C_IN": c_in, "FOLDED": folded,
+                                                                      "HAS_RESIDUAL": not folded},
+                                         split_epilogues=True) if c.kwargs["BM"] * c.kwargs["BN"] > 128 * 128]
+        assert len(wide) >= 5
+        for config in wide:
+            kw = config.kwargs
+            y = torch.full((8, out_size, out_size, c_out), float("nan"), device="cuda", dtype=torch.bfloat16)
+            fp8_conv.run_conv_config(framed, amax, module, y, (kw["BM"], kw["BN"], kw["BK"]), residual, 0.5,
+                                     persistent=kw["PERSISTENT"], num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
+            assert relative_error(y.permute(0, 3, 1, 2), expected) < 0.01, (folded, kw)
+
+
 def test_the_added_choices_are_offered_unless_switched_off():
     if triton is None:
         pytest.skip("needs the triton package")
@@ -324,10 +371,12 @@ def test_the_added_choices_are_offered_unless_switched_off():
     # the kernel's tuning takes them unless the environment says SCCSDXL_CONV_MORE_TILES=0
     switched_off = os.environ.get("SCCSDXL_CONV_MORE_TILES") == "0"
     assert len(fp8_conv._shifted_conv_kernel.configs) == len(plain if switched_off else more)
-    # a residual add's or a folded upsampler's epilogue: no tile larger than 128 x 128, persistent or not
+    # a residual add's or a folded upsampler's epilogue: no tile larger than 128 x 128, persistent or not, unless
+    # stored in halves (SCCSDXL_CONV_SPLIT_EPILOGUES=1), which takes every choice
     for narrow in ({"HAS_RESIDUAL": True}, {"FOLDED": True}):
-        kept = fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow})
+        kept = fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow}, split_epilogues=False)
         assert kept and max(c.kwargs["BM"] * c.kwargs["BN"] for c in kept) == 128 * 128
+        assert fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow}, split_epilogues=True) == more
 
 
 @gpu

@@ -43,8 +43,9 @@ RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
 # (benchmarks/kernels_ptx.py)
 MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES", default=True)
 # the residual add's and the folded upsampler's forms take only tiles of at most 128 x 128 outputs, as larger ones
-# spilled 20-472 bytes of registers in their epilogues; with their epilogue stored in two halves of the tile's
-# columns, 0-28 bytes (benchmarks/kernels_ptx.py), so =1 offers them every tile too. Off until a GPU has run it
+# spilled 20-472 bytes of registers in their epilogues; with their epilogue stored in parts of the tile's columns
+# (halves; quarters at 256 rows), none but 28 bytes in one folded persistent form (benchmarks/kernels_ptx.py), so =1
+# offers them every tile too. Off until measured through loadgen
 SPLIT_EPILOGUES = env_flag("SCCSDXL_CONV_SPLIT_EPILOGUES")
 WIDE_TILES = ((256, 128, 64, 8, 4), (256, 128, 128, 8, 3))
 PERSISTENT_TILES = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 64, 64, 8, 4), (128, 128, 64, 8, 4),
@@ -144,18 +145,43 @@ if triton is not None:
             acc = tl.dot(a, b.T, acc)
         if (HAS_RESIDUAL or FOLDED) and BM * BN > 128 * 128:
             # a residual add's or a folded upsampler's epilogue over the whole tile spills registers (SPLIT_EPILOGUES):
-            # store it as two halves of its columns, each with half the addresses and residual values live
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            _conv_epilogue(left, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
-                           residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
-                           MIN_SCALE, EVEN_N)
-            _conv_epilogue(right, pid_m, pid_n * BN + BN // 2, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
-                           residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
-                           MIN_SCALE, EVEN_N)
+            # store it in parts of the tile's columns, each with that part's addresses and residual values live;
+            # halves, and at 256 rows quarters (halves there still spilled 24 bytes)
+            if BM == 256:
+                left, right = _column_halves(acc, BM, BN)
+                _epilogue_in_halves(left, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                                    residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2,
+                                    FP8_MAX, MIN_SCALE, EVEN_N)
+                _epilogue_in_halves(right, pid_m, pid_n * BN + BN // 2, amax_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                                    residual_ptr, residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL,
+                                    BM, BN // 2, FP8_MAX, MIN_SCALE, EVEN_N)
+            else:
+                _epilogue_in_halves(acc, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                                    residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN,
+                                    FP8_MAX, MIN_SCALE, EVEN_N)
         else:
             _conv_epilogue(acc, pid_m, pid_n * BN, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
                            residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN, FP8_MAX,
                            MIN_SCALE, EVEN_N)
+
+    @triton.jit
+    def _column_halves(acc, BM: tl.constexpr, BN: tl.constexpr):
+        """A BM x BN tile's first and last BN / 2 columns."""
+        return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _epilogue_in_halves(acc, pid_m, first_channel, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                            residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS: tl.constexpr, FOLDED: tl.constexpr,
+                            HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, FP8_MAX: tl.constexpr,
+                            MIN_SCALE: tl.constexpr, EVEN_N: tl.constexpr):
+        """_conv_epilogue of the BM x BN sums ``acc``, one half of its columns after the other."""
+        left, right = _column_halves(acc, BM, BN)
+        _conv_epilogue(left, pid_m, first_channel, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                       residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
+                       MIN_SCALE, EVEN_N)
+        _conv_epilogue(right, pid_m, first_channel + BN // 2, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,
+                       residual_scale, FRAMED, H, W, C_OUT, HAS_BIAS, FOLDED, HAS_RESIDUAL, BM, BN // 2, FP8_MAX,
+                       MIN_SCALE, EVEN_N)
 
     @triton.jit
     def _conv_epilogue(acc, pid_m, first_channel, amax_ptr, w_scale_ptr, bias_ptr, y_ptr, residual_ptr,

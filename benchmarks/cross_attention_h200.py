@@ -53,11 +53,11 @@ def run_case(name: str, tokens: int, heads: int) -> list[str]:
     scale = X.image_scales(kv, ROWS)
     out = torch.empty(query.shape, device="cuda", dtype=FP8)
     for config in X._cross_attention_fp8_kernel.configs:
-        bm, warps = config.kwargs["BM"], config.num_warps
-        ms = gpu_ms(lambda: X.run_config(query, kv, 1.0 / scale, out, ROWS, heads, bm, warps))
+        bm, blocks, warps, stages = config.kwargs["BM"], config.kwargs["BLOCKS"], config.num_warps, config.num_stages
+        ms = gpu_ms(lambda: X.run_config(query, kv, 1.0 / scale, out, ROWS, heads, bm, blocks, warps, stages))
         error = relative_error(out.float() * scale.repeat_interleave(tokens)[:, None], exact)
-        rows.append(f"| {name} | kernel alone, {bm} tokens, {warps} warps | {ms:.3f} | {moved / ms / 1e6:.0f} | "
-                    f"{error:.4f} |")
+        rows.append(f"| {name} | kernel alone, {blocks} x {bm} tokens, {warps} warps, {stages} stages | {ms:.3f} | "
+                    f"{moved / ms / 1e6:.0f} | {error:.4f} |")
     return rows + [f"\n{name}, {label}: one call's GPU kernels\n{table}" for label, table in kernels.items()]
 
 

@@ -183,11 +183,11 @@ def cross_attention_rows() -> None:
     for config in cross_attention._cross_attention_fp8_kernel.configs:  # the tuning's choices
         got = compiled(kernel, with_constants(names, types),
                        {"HEAD_SIZE": 64, "KEYS": cross_attention.KEY_BLOCK, "FP8_MAX": fused.FP8_MAX, **config.kwargs},
-                       aligned, config.num_warps, 1)
-        print(f"| cross-attention, fp8 rows | {config.kwargs['BM']} tokens x {cross_attention.KEY_BLOCK} keys, "
-              f"{config.num_warps} warps | {got['ptxas']} | {got['wgmma']} wgmma ({got['wgmma shapes']}), "
-              f"{got['global loads']} global loads, {got['global stores']} global stores, {got['sass']} machine "
-              "instructions |")
+                       aligned, config.num_warps, config.num_stages)
+        print(f"| cross-attention, fp8 rows | {config.kwargs['BLOCKS']} x {config.kwargs['BM']} tokens x "
+              f"{cross_attention.KEY_BLOCK} keys, {config.num_warps} warps, {config.num_stages} stages | "
+              f"{got['ptxas']} | {got['wgmma']} wgmma ({got['wgmma shapes']}), {got['global loads']} global loads, "
+              f"{got['cp.async']} cp.async, {got['global stores']} global stores, {got['sass']} machine instructions |")
 
 
 def main() -> None:

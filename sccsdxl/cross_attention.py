@@ -21,6 +21,11 @@ from .fused import FP8, FP8_MAX, MIN_SCALE, autotune, cross_attend, env_flag, tr
 # read once, when fused_norms' blocks are made
 FUSED_CROSS_ATTENTION = env_flag("SCCSDXL_FUSED_CROSS_ATTENTION")
 KEY_BLOCK = 128  # the keys, padded to a power of two (SDXL's 77 text tokens)
+# the tuning's choices: (tokens per block, blocks per program, warps, stages). One block per program loads a head's
+# keys and values (32 KB, padded) for every 64 or 128 tokens (8 or 16 KB of queries) and ran at 1.2 TB/s on the H200
+# (session 22); several blocks load them once and can load the next block's queries during this one's products
+TILES = ((64, 1, 4, 3), (128, 1, 4, 3), (128, 1, 8, 3), (64, 8, 4, 3), (128, 4, 4, 3), (128, 4, 8, 3), (128, 8, 8, 3),
+         (64, 16, 4, 3))
 
 if triton is not None:
     import triton.language as tl
@@ -35,34 +40,37 @@ if triton is not None:
             """bf16 operands, fp32 sums: the tensor cores' product."""
             return tl.dot(a, b)
 
-    @autotune(configs=[triton.Config({"BM": bm}, num_warps=warps) for bm, warps in ((64, 4), (128, 4), (128, 8))],
-              key=["tokens", "keys", "HEAD_SIZE"])
+    @autotune(configs=[triton.Config({"BM": bm, "BLOCKS": blocks}, num_warps=warps, num_stages=stages)
+                       for bm, blocks, warps, stages in TILES], key=["tokens", "keys", "HEAD_SIZE"])
     @triton.jit
     def _cross_attention_fp8_kernel(q_ptr, kv_ptr, out_ptr, inv_scale_ptr, tokens, keys, q_stride, kv_stride,
                                     out_stride, v_offset, qk_scale, HEAD_SIZE: tl.constexpr, KEYS: tl.constexpr,
-                                    BM: tl.constexpr, FP8_MAX: tl.constexpr):
-        """softmax(q k^T / sqrt(d)) v for BM tokens of image program_id(2) and head program_id(1), times the image's
-        inverse scale, stored as e4m3 where the head's columns of those rows lie. q: (images * tokens, heads * d);
-        kv: (images * keys, 2 * heads * d), keys before values (diffusers' fused k/v projection). qk_scale holds
-        log2(e), for exp2."""
-        block, head, image = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        token = block * BM + tl.arange(0, BM)
-        token_ok = token < tokens
+                                    BM: tl.constexpr, BLOCKS: tl.constexpr, FP8_MAX: tl.constexpr):
+        """softmax(q k^T / sqrt(d)) v for BLOCKS blocks of BM tokens of image program_id(2) and head program_id(1),
+        times the image's inverse scale, stored as e4m3 where the head's columns of those rows lie. q: (images *
+        tokens, heads * d); kv: (images * keys, 2 * heads * d), keys before values (diffusers' fused k/v
+        projection). qk_scale holds log2(e), for exp2. The keys and values are loaded once for the program's blocks,
+        whose query loads the loop can run ahead of the products."""
+        chunk, head, image = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         columns = head * HEAD_SIZE + tl.arange(0, HEAD_SIZE)
-        rows = (image * tokens + token).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * q_stride + columns[None, :], mask=token_ok[:, None], other=0.0)
         key = tl.arange(0, KEYS)
         key_ok = key < keys
         at = (image * keys + key).to(tl.int64)[:, None] * kv_stride + columns[None, :]
         k = tl.load(kv_ptr + at, mask=key_ok[:, None], other=0.0)
         v = tl.load(kv_ptr + at + v_offset, mask=key_ok[:, None], other=0.0)
-        s = tl.where(key_ok[None, :], _dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        p = tl.exp2(s - tl.max(s, axis=1)[:, None]).to(v.dtype)
-        # the sum of the weights as rounded for the product: each output a convex combination of values
-        out = _dot(p, v) / tl.sum(p.to(tl.float32), axis=1)[:, None]
-        out = tl.clamp(out * tl.load(inv_scale_ptr + image), -FP8_MAX, FP8_MAX)
-        tl.store(out_ptr + rows[:, None] * out_stride + columns[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=token_ok[:, None])
+        inv_scale = tl.load(inv_scale_ptr + image)
+        for block in tl.range(chunk * BLOCKS, chunk * BLOCKS + BLOCKS):
+            token = block * BM + tl.arange(0, BM)
+            token_ok = token < tokens
+            rows = (image * tokens + token).to(tl.int64)
+            q = tl.load(q_ptr + rows[:, None] * q_stride + columns[None, :], mask=token_ok[:, None], other=0.0)
+            s = tl.where(key_ok[None, :], _dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+            p = tl.exp2(s - tl.max(s, axis=1)[:, None]).to(v.dtype)
+            # the sum of the weights as rounded for the product: each output a convex combination of values
+            out = _dot(p, v) / tl.sum(p.to(tl.float32), axis=1)[:, None]
+            out = tl.clamp(out * inv_scale, -FP8_MAX, FP8_MAX)
+            tl.store(out_ptr + rows[:, None] * out_stride + columns[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=token_ok[:, None])
 
     def _launch(kernel, query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor,
                 images: int, heads: int, **config) -> None:
@@ -71,15 +79,16 @@ if triton is not None:
         head_size = width // heads
 
         def grid(meta):
-            return (triton.cdiv(tokens, meta["BM"]), heads, images)
+            return (triton.cdiv(tokens, meta["BM"] * meta["BLOCKS"]), heads, images)
         kernel[grid](query, kv, out, inv_scale, tokens, keys, query.stride(0), kv.stride(0), out.stride(0), width,
                      head_size ** -0.5 * math.log2(math.e), HEAD_SIZE=head_size, KEYS=KEY_BLOCK, FP8_MAX=FP8_MAX,
                      **config)
 
     def run_config(query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor, images: int,
-                   heads: int, bm: int, num_warps: int = 4) -> None:
+                   heads: int, bm: int, blocks: int = 1, num_warps: int = 4, num_stages: int = 3) -> None:
         """One configuration the tuning chooses from, run directly: for tests (Triton's interpreter) and benchmarks."""
-        _launch(_cross_attention_fp8_kernel.fn, query, kv, inv_scale, out, images, heads, BM=bm, num_warps=num_warps)
+        _launch(_cross_attention_fp8_kernel.fn, query, kv, inv_scale, out, images, heads, BM=bm, BLOCKS=blocks,
+                num_warps=num_warps, num_stages=num_stages)
 
     # an opaque op, as sccsdxl.fp8_conv's: as a triton_op, inductor's launch of this kernel took 2.6 times its
     # tuned eager launch on the H200 (0.873 against 0.337 ms at the 1,024-token level, session 22)

@@ -61,13 +61,15 @@ INTERPRETED = textwrap.dedent("""
         kv = (torch.randn(images * keys, 2 * width) * 2).to(torch.bfloat16)
         scale = X.image_scales(kv, images)
         exact = cross_attend(query.float(), kv.float(), images, heads)
-        for bm in (16, 32):  # several blocks of tokens, the last one partial
+        # several blocks of tokens, the last one partial; one block per program, or several (the last program's
+        # partly or wholly past the tokens)
+        for bm, blocks in ((16, 1), (32, 1), (16, 2), (16, 3)):
             # fp32 output: the kernel's values before the e4m3 cast (the interpreter's own cast is not exact; the
             # hardware's is tested on the GPU)
             out = torch.full(query.shape, float("nan"))
-            X.run_config(query, kv, 1.0 / scale, out, images, heads, bm)
+            X.run_config(query, kv, 1.0 / scale, out, images, heads, bm, blocks)
             got = out * scale.repeat_interleave(tokens)[:, None]
-            where = (images, tokens, heads, head_size, keys, bm)
+            where = (images, tokens, heads, head_size, keys, bm, blocks)
             assert not got.isnan().any(), where  # every row and head written
             # the weights rounded to bf16 for the second product, as flash attention does
             assert float((got - exact).norm() / exact.norm()) < 0.01, where

@@ -65,6 +65,9 @@ OPTIONS: dict[str, str] = {
                       "interleaved (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
     "vae_fp8_convs": "with vae_group_norms, in bf16: the two 3x3 convolutions of each VAE decoder ResNet block in "
                      "fp8, as fp8_convs runs the UNet's (NVIDIA Hopper or later; sccsdxl.fp8_conv)",
+    "vae_fp8_upsamplers": "with folded_upsamplers or transposed_upsamplers, in bf16: the VAE decoder's three "
+                          "upsamplers in fp8, as fp8_upsamplers runs the UNet's two (NVIDIA Hopper or later; "
+                          "sccsdxl.fp8_conv)",
     "vae_attention_gemms": "with compile_vae: the VAE decoder's attention (one head 512 wide, which cuDNN's and flash "
                            "attention do not take) as two GEMMs and a softmax, a few images at a time, compiled "
                            "(sccsdxl.vae_attention)",
@@ -118,6 +121,7 @@ class Optimizations:
     fp8_upsamplers: bool = False
     vae_group_norms: bool = False
     vae_fp8_convs: bool = False
+    vae_fp8_upsamplers: bool = False
     vae_attention_gemms: bool = False
     folded_upsamplers: bool = False
     transposed_upsamplers: bool = False
@@ -213,7 +217,8 @@ def supported_options(device: str) -> list[str]:
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
-            names += ["fp8_convs", "fp8_upsamplers", "vae_fp8_convs"] if _fp8_conv_kernel_available(device) else []
+            names += (["fp8_convs", "fp8_upsamplers", "vae_fp8_convs", "vae_fp8_upsamplers"]
+                      if _fp8_conv_kernel_available(device) else [])
     return names
 
 
@@ -301,6 +306,13 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("vae_fp8_convs writes the convolutions' outputs in bf16: use the bf16 dtype")
     elif opts.vae_fp8_convs and not _fp8_conv_kernel_available(device):
         problems.append(_needs_hopper("vae_fp8_convs", device))
+    if opts.vae_fp8_upsamplers and not (opts.folded_upsamplers or opts.transposed_upsamplers):
+        problems.append("vae_fp8_upsamplers runs the decoder's folded upsamplers' four phases in fp8: add "
+                        "folded_upsamplers (or transposed_upsamplers)")
+    elif opts.vae_fp8_upsamplers and dtype != "bf16":
+        problems.append("vae_fp8_upsamplers writes the upsamplers' outputs in bf16: use the bf16 dtype")
+    elif opts.vae_fp8_upsamplers and not _fp8_conv_kernel_available(device):
+        problems.append(_needs_hopper("vae_fp8_upsamplers", device))
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")
@@ -407,7 +419,7 @@ def compile_vae_regions(vae) -> int:
     """Regional compilation of the VAE decoder: each ResNet block, upsampler and (vae_attention_gemms) attention is
     compiled once per shape."""
     return _compile_modules(vae.decoder, {"ResnetBlock2D", "GroupNormResnetBlock", "Fp8ConvResnetBlock",
-                                           "Upsample2D", "FoldedUpsample", "GemmAttention"})
+                                           "Upsample2D", "FoldedUpsample", "Fp8Upsample", "GemmAttention"})
 
 
 @contextlib.contextmanager
@@ -543,6 +555,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fp8_conv import fp8_upsamplers
 
         info["fp8_upsamplers"] = fp8_upsamplers(pipe.unet)
+    if opts.vae_fp8_upsamplers:  # after the folding, whose decoder upsamplers it takes; before compile_vae_regions
+        from .fp8_conv import fp8_upsamplers
+
+        info["vae_fp8_upsamplers"] = fp8_upsamplers(pipe.vae.decoder)
     if opts.vae_no_upcast:
         pipe.vae.register_to_config(force_upcast=False)
     if opts.vae_slicing:

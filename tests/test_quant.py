@@ -76,6 +76,11 @@ def test_configuration_needs_a_dtype():
                               "vae_group_norms"),
     ("vae_group_norms,vae_fp8_convs", "fp16", "vae_fp8_convs writes the convolutions' outputs in bf16: use the bf16"),
     ("vae_group_norms,vae_fp8_convs", "bf16", "vae_fp8_convs is a Triton kernel .*compute capability 9.0"),
+    ("vae_fp8_upsamplers", "bf16", "vae_fp8_upsamplers runs the decoder's folded upsamplers' four phases in fp8: "
+                                   "add folded_upsamplers"),
+    ("transposed_upsamplers,vae_fp8_upsamplers", "fp16", "vae_fp8_upsamplers writes the upsamplers' outputs in "
+                                                         "bf16: use the bf16 dtype"),
+    ("transposed_upsamplers,vae_fp8_upsamplers", "bf16", "vae_fp8_upsamplers is a Triton kernel .*compute capability"),
     ("fp8,int8", "bf16", "exclude each other"),
     ("sdpa=flash", "fp32", "needs a GPU"),
 ])
@@ -534,6 +539,30 @@ def test_vae_fp8_convs_takes_the_decoders_fused_resnet_blocks_and_compile_vae_ta
     with quant.own_inductor_settings():
         quant.compile_vae_regions(pipe.vae)
     assert all(hasattr(block, "_compiled_call_impl") for block in swapped)
+
+
+def test_vae_fp8_upsamplers_takes_the_decoders_folded_upsamplers_and_compile_vae_takes_them():
+    """vae_fp8_upsamplers swaps the decoder's upsamplers that transposed_upsamplers folded (not the UNet's), on the
+    CPU through the reference path; the decoded images stay within e4m3's error, and compile_vae compiles them."""
+    from conftest import tiny_vae_decode
+
+    from sccsdxl import fp8_conv
+    from sccsdxl.pipeline import build_random_pipeline
+
+    pipe = build_random_pipeline("tiny", "bf16", "cpu")
+    decode = tiny_vae_decode(pipe, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = decode()
+        info = quant.apply_optimizations(pipe, quant.parse_optimizations("transposed_upsamplers,vae_fp8_upsamplers"))
+        after = decode()
+    swapped = [m for m in pipe.vae.decoder.modules() if isinstance(m, fp8_conv.Fp8Upsample)]
+    assert info["vae_fp8_upsamplers"] == len(swapped) > 0
+    assert not any(isinstance(m, fp8_conv.Fp8Upsample) for m in pipe.unet.modules())
+    assert all(up.weight.dtype == torch.float8_e4m3fn for up in swapped)
+    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.08
+    with quant.own_inductor_settings():
+        quant.compile_vae_regions(pipe.vae)
+    assert all(hasattr(up, "_compiled_call_impl") for up in swapped)
 
 
 def test_regional_compilation_takes_the_fused_blocks_which_trace_as_one_graph():

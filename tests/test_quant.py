@@ -515,27 +515,35 @@ def test_fp8_upsamplers_takes_the_unets_folded_upsamplers_and_compile_takes_it()
     assert all(hasattr(m, "_compiled_call_impl") for m in swapped)
 
 
-def test_vae_fp8_convs_takes_the_decoders_fused_resnet_blocks_and_compile_vae_takes_it():
-    """vae_fp8_convs swaps the decoder's ResNet blocks that vae_group_norms made and whose convolutions the kernel
-    can run (the tiny decoder's 32-channel blocks, not its 16-channel ones), on the CPU through the reference path;
-    the decoded images stay within e4m3's error, and compile_vae compiles the blocks by class name."""
+def tiny_decoder_swaps(options: str, kind: type) -> tuple:
+    """The tiny bf16 pipeline with ``options`` applied: the pipeline, its decoder's modules of ``kind``, the options'
+    record, and how far its decoded images moved (relative)."""
     from conftest import tiny_vae_decode
 
-    from sccsdxl import fp8_conv
     from sccsdxl.pipeline import build_random_pipeline
 
     pipe = build_random_pipeline("tiny", "bf16", "cpu")
     decode = tiny_vae_decode(pipe, dtype=torch.bfloat16)
     with torch.no_grad():
         before = decode()
-        info = quant.apply_optimizations(pipe, quant.parse_optimizations("vae_group_norms,vae_fp8_convs"))
+        info = quant.apply_optimizations(pipe, quant.parse_optimizations(options))
         after = decode()
-    swapped = [m for m in pipe.vae.decoder.modules() if isinstance(m, fp8_conv.Fp8ConvResnetBlock)]
+    swapped = [m for m in pipe.vae.decoder.modules() if isinstance(m, kind)]
+    return pipe, swapped, info, float((after.float() - before.float()).norm() / before.float().norm())
+
+
+def test_vae_fp8_convs_takes_the_decoders_fused_resnet_blocks_and_compile_vae_takes_it():
+    """vae_fp8_convs swaps the decoder's ResNet blocks that vae_group_norms made and whose convolutions the kernel
+    can run (the tiny decoder's 32-channel blocks, not its 16-channel ones), on the CPU through the reference path;
+    the decoded images stay within e4m3's error, and compile_vae compiles the blocks by class name."""
+    from sccsdxl import fp8_conv
+
+    pipe, swapped, info, moved = tiny_decoder_swaps("vae_group_norms,vae_fp8_convs", fp8_conv.Fp8ConvResnetBlock)
     assert info["vae_fp8_convs"] == len(swapped) > 0
     assert len(swapped) < info["vae_group_norms"]["resnets"]  # the 16-channel blocks stay bf16
     assert all(block.fp8_conv1.weight.dtype == torch.float8_e4m3fn for block in swapped)
     # e4m3's rounding (about 4 % per convolution) through the swapped blocks, with random weights: 8.3 % here
-    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.12
+    assert moved < 0.12
     with quant.own_inductor_settings():
         quant.compile_vae_regions(pipe.vae)
     assert all(hasattr(block, "_compiled_call_impl") for block in swapped)
@@ -544,22 +552,13 @@ def test_vae_fp8_convs_takes_the_decoders_fused_resnet_blocks_and_compile_vae_ta
 def test_vae_fp8_upsamplers_takes_the_decoders_folded_upsamplers_and_compile_vae_takes_them():
     """vae_fp8_upsamplers swaps the decoder's upsamplers that transposed_upsamplers folded (not the UNet's), on the
     CPU through the reference path; the decoded images stay within e4m3's error, and compile_vae compiles them."""
-    from conftest import tiny_vae_decode
-
     from sccsdxl import fp8_conv
-    from sccsdxl.pipeline import build_random_pipeline
 
-    pipe = build_random_pipeline("tiny", "bf16", "cpu")
-    decode = tiny_vae_decode(pipe, dtype=torch.bfloat16)
-    with torch.no_grad():
-        before = decode()
-        info = quant.apply_optimizations(pipe, quant.parse_optimizations("transposed_upsamplers,vae_fp8_upsamplers"))
-        after = decode()
-    swapped = [m for m in pipe.vae.decoder.modules() if isinstance(m, fp8_conv.Fp8Upsample)]
+    pipe, swapped, info, moved = tiny_decoder_swaps("transposed_upsamplers,vae_fp8_upsamplers", fp8_conv.Fp8Upsample)
     assert info["vae_fp8_upsamplers"] == len(swapped) > 0
     assert not any(isinstance(m, fp8_conv.Fp8Upsample) for m in pipe.unet.modules())
     assert all(up.weight.dtype == torch.float8_e4m3fn for up in swapped)
-    assert float((after.float() - before.float()).norm() / before.float().norm()) < 0.08
+    assert moved < 0.08
     with quant.own_inductor_settings():
         quant.compile_vae_regions(pipe.vae)
     assert all(hasattr(up, "_compiled_call_impl") for up in swapped)

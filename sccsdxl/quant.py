@@ -245,6 +245,13 @@ def _needs_hopper(name: str, device: str) -> str:
             f"(compute capability 9.0); this run is on {device_name(device)}")
 
 
+def _decoder_kernel_problems(name: str, outputs: str, dtype: str, device: str) -> list[str]:
+    """What keeps a decoder option built on sccsdxl.fp8_conv's kernel, whose ``outputs`` are bf16, from this run."""
+    if dtype != "bf16":
+        return [f"{name} writes {outputs} in bf16: use the bf16 dtype"]
+    return [] if _fp8_conv_kernel_available(device) else [_needs_hopper(name, device)]
+
+
 def _needs_triton(name: str) -> str:
     return f"{name} is a Triton kernel: it needs an NVIDIA GPU and the triton package"
 
@@ -302,17 +309,13 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     if opts.vae_fp8_convs and not opts.vae_group_norms:
         problems.append("vae_fp8_convs has the decoder's fused GroupNorm kernels write its fp8 input: add "
                         "vae_group_norms")
-    elif opts.vae_fp8_convs and dtype != "bf16":
-        problems.append("vae_fp8_convs writes the convolutions' outputs in bf16: use the bf16 dtype")
-    elif opts.vae_fp8_convs and not _fp8_conv_kernel_available(device):
-        problems.append(_needs_hopper("vae_fp8_convs", device))
+    elif opts.vae_fp8_convs:
+        problems += _decoder_kernel_problems("vae_fp8_convs", "the convolutions' outputs", dtype, device)
     if opts.vae_fp8_upsamplers and not (opts.folded_upsamplers or opts.transposed_upsamplers):
         problems.append("vae_fp8_upsamplers runs the decoder's folded upsamplers' four phases in fp8: add "
                         "folded_upsamplers (or transposed_upsamplers)")
-    elif opts.vae_fp8_upsamplers and dtype != "bf16":
-        problems.append("vae_fp8_upsamplers writes the upsamplers' outputs in bf16: use the bf16 dtype")
-    elif opts.vae_fp8_upsamplers and not _fp8_conv_kernel_available(device):
-        problems.append(_needs_hopper("vae_fp8_upsamplers", device))
+    elif opts.vae_fp8_upsamplers:
+        problems += _decoder_kernel_problems("vae_fp8_upsamplers", "the upsamplers' outputs", dtype, device)
     if opts.nhwc_transformer_outputs and not opts.channels_last:
         problems.append("nhwc_transformer_outputs keeps the UNet's channels_last layout after each transformer: "
                         "add channels_last")

@@ -59,6 +59,10 @@ if triton is not None:
 
     from .ffn_gemm import grouped_tile
 
+    # the largest tile (outputs) whose residual add's or folded upsampler's epilogue runs whole; above it the tuning
+    # offers such forms a tile only with SPLIT_EPILOGUES, and the kernel stores the epilogue in parts
+    WHOLE_EPILOGUE_OUTPUTS = tl.constexpr(128 * 128)
+
     def configs(more: bool | None = None) -> list:
         """The tuning's choices, one per tile, and with ``more`` (MORE_TILES unless given) the WIDE_TILES and the
         PERSISTENT_TILES as persistent kernels."""
@@ -76,7 +80,7 @@ if triton is not None:
         split = SPLIT_EPILOGUES if split_epilogues is None else split_epilogues
         narrow = not split and (flag("FOLDED") or flag("HAS_RESIDUAL"))
         return [c for c in configs if named_args["C_IN"] % c.kwargs["BK"] == 0
-                and not (narrow and c.kwargs["BM"] * c.kwargs["BN"] > 128 * 128)]
+                and not (narrow and c.kwargs["BM"] * c.kwargs["BN"] > WHOLE_EPILOGUE_OUTPUTS)]
 
     def _set_blocks(args: dict) -> bool:
         """The TMA descriptors' blocks follow the tile being run; returns whether the output channels fill whole
@@ -145,7 +149,7 @@ if triton is not None:
             a = x_desc.load([(W + 3) + pid_m * BM + _tap_shift(tap, W, FOLDED), channel])
             b = w_desc.load([pid_n * BN, tap * C_IN + channel])
             acc = tl.dot(a, b.T, acc)
-        if (HAS_RESIDUAL or FOLDED) and BM * BN > 128 * 128:
+        if (HAS_RESIDUAL or FOLDED) and BM * BN > WHOLE_EPILOGUE_OUTPUTS:
             # a residual add's or a folded upsampler's epilogue over the whole tile spills registers (SPLIT_EPILOGUES):
             # store it in parts of the tile's columns, each with that part's addresses and residual values live;
             # halves, and at 256 rows quarters (halves there still spilled 24 bytes)

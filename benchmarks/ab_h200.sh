@@ -3,12 +3,12 @@
 # order given, so a configuration's processes can alternate with another's (between VMs the spread is 2-4 %, more
 # than the gains compared, so only runs on one VM compare; BENCHMARKS.md). Run from the repo root:
 #   bash benchmarks/ab_h200.sh OUT_DIR NAME:RUN_DIR:SWITCHES:REPEATS:SECONDS [...]
-# NAME: OUT_DIR/NAME.jsonl and .txt; RUN_DIR: under bench-runs/, one per configuration, so each keeps its own compile
-# cache (its first process cold, the later ones warm); SWITCHES: SCCSDXL_ variables, comma-separated, or empty;
-# REPEATS: loadgen runs after one build; SECONDS: the process's limit (its rows so far are kept).
+# NAME: OUT_DIR/NAME.jsonl and .txt; RUN_DIR: under bench-runs/, its compile cache (the first process cold, later ones
+# warm; another configuration's starts warm but for what it changes); SWITCHES: SCCSDXL_ variables, comma-separated,
+# or empty; REPEATS: loadgen runs after one build; SECONDS: the process's limit (its rows so far are kept).
 # CONFIG (env): the dtype:options to run, default "bf16:$FS" from benchmarks/fastest_h200.env; BATCH: default 50.
 # Example, the package's default against one switch, alternating:
-#   bash benchmarks/ab_h200.sh OUT base:base::2:265 split:split:SCCSDXL_CONV_SPLIT_EPILOGUES=1:2:330 base2:base::2:200
+#   bash benchmarks/ab_h200.sh OUT base:base::2:330 cross:base:SCCSDXL_FUSED_CROSS_ATTENTION=1:2:250 base2:base::2:200
 set -u
 if [ $# -lt 2 ]; then
   sed -n '2,11p' "$0" >&2

@@ -43,7 +43,7 @@ def compiled(fn, signature: dict, constants: dict, aligned: tuple, warps: int, s
             "wgmma": ptx.count("wgmma.mma_async"),
             "wgmma shapes": "/".join(sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))),
             "TMA loads": ptx.count("cp.async.bulk.tensor"),
-            "cp.async": ptx.count("cp.async.cg"), **sass_counts(kernel.asm["cubin"])}
+            "cp.async": ptx.count("cp.async.cg"), "div.rn": ptx.count("div.rn.f32"), **sass_counts(kernel.asm["cubin"])}
 
 
 def sass_counts(cubin: bytes) -> dict:
@@ -188,6 +188,17 @@ def cross_attention_rows() -> None:
               f"{cross_attention.KEY_BLOCK} keys, {config.num_warps} warps, {config.num_stages} stages | "
               f"{got['ptxas']} | {got['wgmma']} wgmma ({got['wgmma shapes']}), {got['global loads']} global loads, "
               f"{got['cp.async']} cp.async, {got['global stores']} global stores, {got['sass']} machine instructions |")
+
+    kernel = cross_attention._image_scales_kernel  # the op's scales, one program per image
+    names = kernel.arg_names
+    types = {"kv_ptr": "*bf16", "scale_ptr": "*fp32", "inv_scale_ptr": "*fp32",
+             **{n: "i32" for n in ("keys", "width", "kv_stride")}}
+    got = compiled(kernel, with_constants(names, types),
+                   {"FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, "KEY_STEP": 16, "COLUMN_STEP": 128},
+                   tuple(names.index(n) for n in ("kv_ptr", "scale_ptr", "inv_scale_ptr", "width", "kv_stride")), 4, 3)
+    print(f"| cross-attention, image scales | 16 keys x 128 values per step, 4 warps | {got['ptxas']} | "
+          f"{got['global loads']} global loads, {got['global stores']} global stores, {got['sass']} machine "
+          f"instructions, {got['div.rn']} IEEE divisions (div.rn.f32) |")
 
 
 def main() -> None:

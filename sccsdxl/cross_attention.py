@@ -1,6 +1,7 @@
 """The transformer blocks' cross-attention over SDXL's 77 text tokens as one Triton kernel that writes the output
-projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off: alone 9 % faster than cuDNN's
-attention and fp8_rows on the H200, not yet measured through loadgen, session 22).
+projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off until measured through loadgen:
+its kernel alone 0.27 against 0.36 ms for cuDNN's attention and fp8_rows at the 1,024-token level on the H200, 0.51
+against 0.72 at 4,096, session 23).
 
 With 77 keys the attention is a pass over its queries and outputs: cuDNN's kernel, the fastest of its engine
 configurations, runs it at about 2 TB/s (0.26 ms at the 1,024-token level at batch 50, BENCHMARKS.md session 21), and
@@ -72,6 +73,33 @@ if triton is not None:
             tl.store(out_ptr + rows[:, None] * out_stride + columns[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=token_ok[:, None])
 
+    @triton.jit
+    def _image_scales_kernel(kv_ptr, scale_ptr, inv_scale_ptr, keys, width, kv_stride, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr, KEY_STEP: tl.constexpr, COLUMN_STEP: tl.constexpr):
+        """Image program_id(0)'s e4m3 scale, its largest |value| / FP8_MAX (at least MIN_SCALE), and the scale's
+        inverse, both divided with IEEE rounding, as PyTorch divides in image_scales."""
+        image = tl.program_id(0)
+        key = tl.arange(0, KEY_STEP)[:, None]
+        column = tl.arange(0, COLUMN_STEP)[None, :]
+        largest = tl.zeros([KEY_STEP, COLUMN_STEP], dtype=tl.float32)
+        for first_key in tl.range(0, keys, KEY_STEP):
+            rows = (image * keys + first_key + key).to(tl.int64) * kv_stride + width  # the values' columns
+            for first_column in tl.range(0, width, COLUMN_STEP):
+                ok = (first_key + key < keys) & (first_column + column < width)
+                values = tl.load(kv_ptr + rows + first_column + column, mask=ok, other=0.0)
+                largest = tl.maximum(largest, tl.abs(values.to(tl.float32)))
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(largest, axis=1), axis=0), FP8_MAX), MIN_SCALE)
+        tl.store(scale_ptr + image, scale)
+        tl.store(inv_scale_ptr + image, tl.math.div_rn(1.0, scale))
+
+    def scales_by_kernel(kv: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_scales and their inverses from one kernel launch: (images,) fp32 each."""
+        scale = torch.empty(images, device=kv.device, dtype=torch.float32)
+        inv_scale = torch.empty_like(scale)
+        _image_scales_kernel[(images,)](kv, scale, inv_scale, kv.shape[0] // images, kv.shape[1] // 2, kv.stride(0),
+                                        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, KEY_STEP=16, COLUMN_STEP=128)
+        return scale, inv_scale
+
     def _launch(kernel, query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor,
                 images: int, heads: int, **config) -> None:
         """Run ``kernel`` on (images * tokens, width) ``query`` and (images * keys, 2 width) ``kv`` into ``out``."""
@@ -91,17 +119,22 @@ if triton is not None:
                 num_warps=num_warps, num_stages=num_stages)
 
     # an opaque op, as sccsdxl.fp8_conv's: as a triton_op, inductor's launch of this kernel took 2.6 times its
-    # tuned eager launch on the H200 (0.873 against 0.337 ms at the 1,024-token level, session 22)
+    # tuned eager launch on the H200 (0.873 against 0.337 ms at the 1,024-token level, session 22). The scales are
+    # made inside it too, by a kernel: with inductor's division by 448 and reciprocal, compiled blocks rounded some
+    # e4m3 outputs otherwise than eager ones at the 4,096-token level; with PyTorch's eager ops inside the op, they
+    # cost 42 us of GPU time per call where inductor's fused ones took 10 (session 23)
     @torch.library.custom_op("sccsdxl::cross_attention_fp8_rows", mutates_args=(), device_types="cuda")
-    def _cross_attention_gpu(query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, images: int,
-                             heads: int) -> torch.Tensor:
+    def _cross_attention_gpu(query: torch.Tensor, kv: torch.Tensor, images: int,
+                             heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, inv_scale = scales_by_kernel(kv, images)
         out = torch.empty(query.shape, device=query.device, dtype=FP8)
         _launch(_cross_attention_fp8_kernel, query, kv, inv_scale, out, images, heads)
-        return out
+        return out, scale
 
     @_cross_attention_gpu.register_fake
-    def _cross_attention_shape(query, kv, inv_scale, images, heads):
-        return torch.empty(query.shape, device=query.device, dtype=FP8)
+    def _cross_attention_shape(query, kv, images, heads):
+        return (torch.empty(query.shape, device=query.device, dtype=FP8),
+                torch.empty(images, device=query.device, dtype=torch.float32))
 
 
 def image_scales(kv: torch.Tensor, images: int) -> torch.Tensor:
@@ -126,6 +159,5 @@ def cross_attention_fp8_rows(query: torch.Tensor, kv: torch.Tensor, images: int,
     kv = kv.reshape(-1, kv.shape[-1])
     if not (query.is_cuda and triton is not None) or kv.shape[0] // images > KEY_BLOCK:
         return cross_attention_fp8_rows_reference(query, kv, images, heads)
-    scale = image_scales(kv, images)
-    values = _cross_attention_gpu(query.contiguous(), kv.contiguous(), 1.0 / scale, images, heads)
+    values, scale = _cross_attention_gpu(query.contiguous(), kv.contiguous(), images, heads)
     return values, scale.repeat_interleave(query.shape[0] // images)[:, None]

@@ -44,9 +44,10 @@ RESIDUAL_IN_CONV = env_flag("SCCSDXL_CONV_RESIDUAL_IN_CONV", default=True)
 MORE_TILES = env_flag("SCCSDXL_CONV_MORE_TILES", default=True)
 # the residual add's and the folded upsampler's forms take only tiles of at most 128 x 128 outputs, as larger ones
 # spilled 20-472 bytes of registers in their epilogues; with their epilogue stored in parts of the tile's columns
-# (halves; quarters at 256 rows), none but 28 bytes in one folded persistent form (benchmarks/kernels_ptx.py), so =1
-# offers them every tile too. Off until measured through loadgen
-SPLIT_EPILOGUES = env_flag("SCCSDXL_CONV_SPLIT_EPILOGUES")
+# (halves; quarters at 256 rows), none but 28 bytes in one folded persistent form (benchmarks/kernels_ptx.py), they
+# are offered every tile too. On since session 23 (+1.2 % through loadgen, the residual convolutions alone 14 %
+# faster); =0 keeps them to 128 x 128 (read once)
+SPLIT_EPILOGUES = env_flag("SCCSDXL_CONV_SPLIT_EPILOGUES", default=True)
 WIDE_TILES = ((256, 128, 64, 8, 4), (256, 128, 128, 8, 3))
 # the two tiles whose persistent form was the fastest choice at some shape alone (session 22); the persistent forms
 # of 128 x 128 x 128, 128 x 128 x 64, 256 x 64 x 64 and 256 x 128 x 64, tried then too, were 8-151 % slower than the

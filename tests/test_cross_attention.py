@@ -60,6 +60,9 @@ INTERPRETED = textwrap.dedent("""
         query = torch.randn(images * tokens, width).to(torch.bfloat16)
         kv = (torch.randn(images * keys, 2 * width) * 2).to(torch.bfloat16)
         scale = X.image_scales(kv, images)
+        # the op's scales, from a kernel of their own: what PyTorch divides, to the bit
+        by_kernel, inverse = X.scales_by_kernel(kv, images)
+        assert torch.equal(by_kernel, scale) and torch.equal(inverse, 1.0 / scale), (by_kernel, scale)
         exact = cross_attend(query.float(), kv.float(), images, heads)
         # several blocks of tokens, the last one partial; one block per program, or several (the last program's
         # partly or wholly past the tokens)
@@ -74,6 +77,10 @@ INTERPRETED = textwrap.dedent("""
             # the weights rounded to bf16 for the second product, as flash attention does
             assert float((got - exact).norm() / exact.norm()) < 0.01, where
             assert out.abs().max() <= 448, where
+    kv = (torch.randn(3 * 77, 2 * 320) * 3).to(torch.bfloat16)  # several column steps, the last partial
+    kv[77:154] = 0  # an image without values: the least scale, not 0
+    by_kernel, inverse = X.scales_by_kernel(kv, 3)
+    assert torch.equal(by_kernel, X.image_scales(kv, 3)) and by_kernel[1] > 0 and torch.equal(inverse, 1.0 / by_kernel)
     print("kernel ok")
 """)
 

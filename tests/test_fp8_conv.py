@@ -329,8 +329,8 @@ def test_every_added_choice_computes_the_reference_sums_on_the_gpu(c_in, c_out):
 
 @gpu
 def test_every_tile_with_its_epilogue_in_halves_computes_the_reference_on_the_gpu():
-    """SCCSDXL_CONV_SPLIT_EPILOGUES=1's choices: the tiles above 128 x 128 outputs, persistent ones too, with a
-    residual add (1,280 channels) and as a folded upsampler (640 channels, 2,560 phase outputs)."""
+    """SCCSDXL_CONV_SPLIT_EPILOGUES's choices (on unless =0): the tiles above 128 x 128 outputs, persistent ones too,
+    with a residual add (1,280 channels) and as a folded upsampler (640 channels, 2,560 phase outputs)."""
     from diffusers.models.upsampling import Upsample2D
 
     from sccsdxl.upsample import FoldedUpsample
@@ -373,11 +373,14 @@ def test_the_added_choices_are_offered_unless_switched_off():
     switched_off = os.environ.get("SCCSDXL_CONV_MORE_TILES") == "0"
     assert len(fp8_conv._shifted_conv_kernel.configs) == len(plain if switched_off else more)
     # a residual add's or a folded upsampler's epilogue: no tile larger than 128 x 128, persistent or not, unless
-    # stored in halves (SCCSDXL_CONV_SPLIT_EPILOGUES=1), which takes every choice
+    # stored in parts (SCCSDXL_CONV_SPLIT_EPILOGUES, on unless =0), which takes every choice
+    split_off = os.environ.get("SCCSDXL_CONV_SPLIT_EPILOGUES") == "0"
     for narrow in ({"HAS_RESIDUAL": True}, {"FOLDED": True}):
-        kept = fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow}, split_epilogues=False)
+        args = {"C_IN": 1280, "C_OUT": 1280, **narrow}
+        kept = fp8_conv.fits(more, args, split_epilogues=False)
         assert kept and max(c.kwargs["BM"] * c.kwargs["BN"] for c in kept) == 128 * 128
-        assert fp8_conv.fits(more, {"C_IN": 1280, "C_OUT": 1280, **narrow}, split_epilogues=True) == more
+        assert fp8_conv.fits(more, args, split_epilogues=True) == more
+        assert fp8_conv.fits(more, args) == (kept if split_off else more)
 
 
 @gpu

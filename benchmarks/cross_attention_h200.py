@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import gpu_ms, relative_error
+from kernel_bench import gpu_ms, kernel_table, relative_error
 
 sys.path.insert(0, ".")
 from sccsdxl import cross_attention as X  # noqa: E402
@@ -59,15 +59,6 @@ def run_case(name: str, tokens: int, heads: int) -> list[str]:
         rows.append(f"| {name} | kernel alone, {blocks} x {bm} tokens, {warps} warps, {stages} stages | {ms:.3f} | "
                     f"{moved / ms / 1e6:.0f} | {error:.4f} |")
     return rows + [f"\n{name}, {label}: one call's GPU kernels\n{table}" for label, table in kernels.items()]
-
-
-def kernel_table(call) -> str:
-    """torch.profiler's table of the GPU kernels one call runs, longest first."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=10)
 
 
 def main() -> None:

@@ -131,6 +131,40 @@ def group_norm_rows() -> None:
               f"{got['sass']} ({got['sass'] / held:.1f} per element held) |")
 
 
+def projection_rows() -> None:
+    """fp8_projections' kernels: the blocks' last residual add as fp8 rows at both widths, each choice of its tuning;
+    the GroupNorm's group kernel folding the largest |GroupNorm| (no SiLU) and the normalizing pass writing e4m3."""
+    kernel = fused._add_fp8_rows_kernel.fn
+    types = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+             **{n: "i32" for n in ("n_rows", "n_cols", "x_stride", "residual_stride", "out_stride")}}
+    aligned = [i for i, name in enumerate(kernel.arg_names) if name in types and name not in ("n_rows", "n_cols")]
+    for width in (1280, 640):
+        for config in fused._add_fp8_rows_kernel.configs:
+            got = compiled(kernel, with_constants(kernel.arg_names, types),
+                           {"BLOCK": triton.next_power_of_2(width), "FP8_MAX": fused.FP8_MAX,
+                            "MIN_SCALE": fused.MIN_SCALE, **config.kwargs}, aligned, config.num_warps)
+            print(f"| residual add + fp8 rows, {width} | {config.kwargs['ROWS']} rows, {config.num_warps} warps | "
+                  f"{got['ptxas']} | {got['global loads']} | {got['global stores']} | {got['sass']} |")
+    kernel = group_norm._group_statistics_kernel
+    types = {**{n: "*fp32" for n in ("mean_ptr", "m2_ptr", "scale_ptr", "offset_ptr", "low_ptr", "high_ptr",
+                                      "amax_ptr")}, "shift_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16",
+             **{n: "i32" for n in ("n_pixels", "n_channels", "pixels_per_slice", "n_slices", "n_groups")},
+             "eps": "fp32"}
+    for silu in (True, False):
+        got = compiled(kernel, with_constants(kernel.arg_names, types),
+                       {"HAS_SHIFT": False, "EXTREMES": True, "SILU": silu, "BLOCK_S": 4, "BLOCK_G": 64}, (), 4)
+        print(f"| GroupNorm group kernel, largest value {'with' if silu else 'without'} SiLU | 4 slices, 64 "
+              f"channels, 4 warps | {got['ptxas']} | {got['global loads']} | {got['global stores']} | {got['sass']} |")
+    kernel = group_norm._normalize_kernel.fn
+    types = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+             "out_scale_ptr": "*fp32", "n_pixels": "i32", "n_channels": "i32"}
+    aligned = [i for i, name in enumerate(kernel.arg_names) if name in types]
+    for pixels, channels, warps in group_norm.NORMALIZE_BLOCKS:
+        got = compiled(kernel, with_constants(kernel.arg_names, types),
+                       {"SILU": False, "FP8_OUT": True, "BLOCK_P": pixels, "BLOCK_C": channels}, aligned, warps)
+        print(f"| GroupNorm, e4m3 | {pixels} pixels x {channels} channels, {warps} warps | {got['ptxas']} | "
+              f"{got['global loads']} | {got['global stores']} | {got['sass']} |")
+
 def statistics_rows() -> None:
     """The GroupNorm statistics kernel as fp8_convs runs it (a shift, the extremes), each choice of its tuning:
     whether its loop's loads are pipelined (cp.async, LDGSTS in the machine code) or plain loads (LDG)."""
@@ -215,6 +249,9 @@ def main() -> None:
     print("\n| GroupNorm statistics tile (pixels, channels, warps) | stages | ptxas | cp.async loads (LDGSTS) | "
           "plain loads (LDG) |\n|---|---|---|---|---|")
     statistics_rows()
+    print("\n| kernel | configuration | ptxas | global loads | global stores | machine instructions |\n"
+          "|---|---|---|---|---|---|")
+    projection_rows()
     print("\n| kernel | tile | ptxas | PTX |\n|---|---|---|---|")
     convolution_rows()
     cross_attention_rows()

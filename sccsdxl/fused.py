@@ -340,6 +340,45 @@ if triton is not None:
 
 
 if triton is not None:
+    @autotune(configs=_whole_row_configs(), key=["n_cols"])
+    @triton.jit
+    def _add_fp8_rows_kernel(x_ptr, residual_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, residual_stride,
+                             out_stride, BLOCK: tl.constexpr, ROWS: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MIN_SCALE: tl.constexpr):
+        """_fp8_rows_kernel of x + residual, the sum rounded to x's dtype first, as the unfused add writes it: the
+        sum itself is not written."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+        residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
+        total = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(total), axis=1) / FP8_MAX, MIN_SCALE)
+        quantized = tl.clamp(total / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], quantized, mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
+
+    def _launch_add_rows(kernel, x: torch.Tensor, residual: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                         **config) -> None:
+        """Run ``kernel`` on (rows, n) ``x`` and ``residual``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
+        n_rows, n_cols = x.shape
+        kernel[_row_grid(n_rows, config)](x, residual, values, scales, n_rows, n_cols, x.stride(0), residual.stride(0),
+                                          values.stride(0), BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX,
+                                          MIN_SCALE=MIN_SCALE, **config)
+
+    def run_add_rows_config(x: torch.Tensor, residual: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                            rows: int, num_warps: int = 4) -> None:
+        """One configuration of add_fp8_rows' tuning, run directly: for tests (Triton's interpreter) and benchmarks."""
+        _launch_add_rows(_add_fp8_rows_kernel.fn, x, residual, values, scales, ROWS=rows, num_warps=num_warps)
+
+    @triton_op("sccsdxl::add_fp8_rows", mutates_args=())
+    def _add_fp8_rows_gpu(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, scales = _fp8_outputs(*x.shape, x.device)
+        _launch_add_rows(wrap_triton(_add_fp8_rows_kernel), x, residual, values, scales)
+        return values, scales
+
+
+if triton is not None:
     def _layer_norm_configs() -> list:
         """The whole-row choices, each with the row held padded to a power of two (1280 -> 2048 lanes) or, SPLIT, as
         a power-of-two head and tail (1024 + 256): no idle lanes, so less arithmetic and fewer registers per row."""
@@ -502,6 +541,13 @@ def fp8_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _fp8_rows_gpu(matrix.contiguous())
     return quantize_rows(matrix)
 
+
+def add_fp8_rows(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_rows of x + residual, both (rows, n), without writing the sum: a residual stream's last add where only a
+    linear in fp8 reads it (a transformer's proj_out under fp8_projections)."""
+    if x.is_cuda and triton is not None:
+        return _add_fp8_rows_gpu(x.contiguous(), residual.contiguous())
+    return quantize_rows(x + residual)
 
 def geglu_fp8_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 2n) up-projection output -> (rows, n) fp8 GEGLU values and (rows, 1) fp32 scales."""
@@ -704,10 +750,17 @@ def _run_chain(blocks, hidden_states: torch.Tensor, text: torch.Tensor, *masks) 
     if any(mask is not None for mask in masks):
         raise ValueError("fused_norms builds SDXL's transformer blocks, which run without attention masks")
     batch, tokens, width = hidden_states.shape
-    x, pending = hidden_states.reshape(batch * tokens, width), None
+    x, pending = chain_rows(blocks, hidden_states.reshape(batch * tokens, width), text, batch)
+    return (x + pending).view(batch, tokens, width)
+
+
+def chain_rows(blocks, x: torch.Tensor, text: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks on (batch * tokens, width) rows: the residual stream and the last block's output, not yet added
+    (whoever reads the sum may add it in a kernel of its own: fp8_projections' proj_out)."""
+    pending = None
     for block in blocks:
         x, pending = block.step(x, pending, text, batch)
-    return (x + pending).view(batch, tokens, width)
+    return x, pending
 
 
 def fuse_transformer_blocks(root: torch.nn.Module) -> int:

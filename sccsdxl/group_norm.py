@@ -125,12 +125,12 @@ if triton is not None:
     @triton.jit
     def _group_statistics_kernel(mean_ptr, m2_ptr, shift_ptr, weight_ptr, bias_ptr, scale_ptr, offset_ptr, n_pixels,
                                  n_channels, pixels_per_slice, n_slices, n_groups, eps, low_ptr, high_ptr, amax_ptr,
-                                 HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 BLOCK_G: tl.constexpr):
+                                 HAS_SHIFT: tl.constexpr, EXTREMES: tl.constexpr, SILU: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
         """One (image, group): its slices' per-channel statistics merged into a mean and 1 / std, written as each of
         its channels' affine: GroupNorm(x + shift) = x * scale + offset, scale = weight / std and offset = bias +
         (shift - mean) * scale, so that the normalizing pass has no group to find per element. With EXTREMES the
-        group's largest |GroupNorm + SiLU| is folded into the batch's (atomic max)."""
+        group's largest |GroupNorm + SiLU| (|GroupNorm| without SILU) is folded into the batch's (atomic max)."""
         image = tl.program_id(0).to(tl.int64)
         group = tl.program_id(1)
         per_group = n_channels // n_groups
@@ -159,7 +159,11 @@ if triton is not None:
         if EXTREMES:
             low = tl.min(tl.load(low_ptr + at, mask=mask, other=float("inf")), axis=0)
             high = tl.max(tl.load(high_ptr + at, mask=mask, other=float("-inf")), axis=0)
-            tl.atomic_max(amax_ptr, tl.max(tl.where(lane_ok, _largest_silu(low, high, mean, scale, bias), 0.0)))
+            if SILU:
+                largest = _largest_silu(low, high, mean, scale, bias)
+            else:  # an affine map's largest |value| over an interval is at one of its ends
+                largest = tl.maximum(tl.abs((low - mean) * scale + bias), tl.abs((high - mean) * scale + bias))
+            tl.atomic_max(amax_ptr, tl.max(tl.where(lane_ok, largest, 0.0)))
 
     @triton.jit
     def _largest_silu(low, high, mean, scale, shift):
@@ -252,12 +256,12 @@ if triton is not None:
         return per_slice, triton.cdiv(n_pixels, per_slice)
 
     def _statistics(slice_kernel, group_kernel, x, shift, weight, bias, n_groups: int, eps: float,
-                    stat_config: dict | None = None,
-                    amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    stat_config: dict | None = None, amax: torch.Tensor | None = None,
+                    silu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (image, channel)'s GroupNorm affine (scale, offset), (N, C) fp32 each, from channels_last ``x``
         (N, C, H, W) plus ``shift``: GroupNorm(x + shift) = x * scale + offset. With ``amax``: the largest
-        |GroupNorm + SiLU| folded into the zeroed (1,) ``amax``, from each channel's smallest and largest value, with
-        no pass of its own over x."""
+        |GroupNorm + SiLU| (|GroupNorm| unless ``silu``) folded into the zeroed (1,) ``amax``, from each channel's
+        smallest and largest value, with no pass of its own over x."""
         n_images, n_channels, height, width = x.shape
         n_pixels = height * width
         per_slice, n_slices = _slices(n_images, n_pixels, n_channels)
@@ -274,7 +278,7 @@ if triton is not None:
         group_kernel[(n_images, n_groups)](
             means, m2s, shift if has_shift else x, weight, bias, scale, offset, n_pixels, n_channels, per_slice,
             n_slices, n_groups, eps, lows, highs, scale if amax is None else amax, HAS_SHIFT=has_shift,
-            EXTREMES=amax is not None, BLOCK_S=triton.next_power_of_2(n_slices),
+            EXTREMES=amax is not None, SILU=silu, BLOCK_S=triton.next_power_of_2(n_slices),
             BLOCK_G=triton.next_power_of_2(n_channels // n_groups))
         return scale, offset
 
@@ -364,6 +368,43 @@ if triton is not None:
     @_group_norm_framed_gpu.register_fake
     def _group_norm_framed_shapes(x, shift, has_shift, weight, bias, n_groups, eps):
         return _framed_outputs(x)
+
+    def _launch_fp8(kernels, x, weight, bias, n_groups: int, eps: float, out: torch.Tensor, amax: torch.Tensor,
+                    configs: tuple[dict, dict] | None = None) -> None:
+        """GroupNorm of channels_last ``x`` into ``out`` (e4m3, channels_last) divided by one scale, its largest
+        |value| (into the zeroed (1,) ``amax``) / 448: the statistics with the largest value, then the write."""
+        slice_kernel, group_kernel, normalize_kernel = kernels
+        stat, write = configs or ({}, {})
+        n_images, n_channels, height, width = x.shape
+        scale, offset = _statistics(slice_kernel, group_kernel, x, None, weight, bias, n_groups, eps, stat, amax,
+                                    silu=False)
+        normalize_kernel[_grid(n_images, height * width, n_channels, write, pixels=True)](
+            x, scale, offset, out, e4m3_scale(amax), height * width, n_channels, SILU=False, FP8_OUT=True, **write)
+
+    def run_fp8_config(x: torch.Tensor, norm: torch.nn.GroupNorm, out: torch.Tensor, amax: torch.Tensor,
+                       stat_block: tuple[int, ...], normalize_block: tuple[int, ...]) -> None:
+        """group_norm_fp8's kernels with one configuration each, run directly, into ``out`` and zeroed ``amax``: for
+        tests (Triton's interpreter) and benchmarks."""
+        _launch_fp8((_slice_statistics_kernel.fn, _group_statistics_kernel, _normalize_kernel.fn), x, norm.weight,
+                    norm.bias, norm.num_groups, norm.eps, out, amax,
+                    (_direct_config(stat_block), _direct_config(normalize_block)))
+
+    @torch.library.custom_op("sccsdxl::group_norm_fp8", mutates_args=(), device_types="cuda")
+    def _group_norm_fp8_gpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_groups: int,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, amax = _fp8_outputs(x)
+        amax.zero_()
+        _launch_fp8(_KERNELS, x, weight, bias, n_groups, eps, out, amax)
+        return out, amax
+
+    @_group_norm_fp8_gpu.register_fake
+    def _group_norm_fp8_shapes(x, weight, bias, n_groups, eps):
+        return _fp8_outputs(x)
+
+    def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty e4m3 values shaped and laid out as channels_last ``x``, and a (1,) fp32 largest value."""
+        return (torch.empty_like(x, dtype=FP8, memory_format=torch.channels_last),
+                torch.empty((1,), device=x.device, dtype=torch.float32))
 
     @autotune(configs=_block_configs(NORMALIZE_BLOCKS), key=["n_pixels", "n_channels"])
     @triton.jit
@@ -503,6 +544,23 @@ def group_norm_framed_fp8_reference(x: torch.Tensor, norm: torch.nn.GroupNorm,
     """group_norm_framed_fp8 in torch: GroupNorm + SiLU, scaled by its largest |value|."""
     return frame_e4m3_reference(group_norm_reference(x, norm, shift, silu=True))
 
+
+def group_norm_fp8_reference(x: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_norm_fp8 in torch: the GroupNorm in fp32, divided by its largest |value| / 448, in e4m3."""
+    out = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).detach()
+    amax = out.abs().amax().reshape(1)
+    values = (out / e4m3_scale(amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return values.contiguous(memory_format=torch.channels_last), amax
+
+
+def group_norm_fp8(x: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm``(x) of (N, C, H, W) ``x`` in e4m3 for a linear over its channels (a transformer's proj_in under
+    fp8_projections): channels_last values divided by one scale for the batch, and their largest |value| (1,)
+    fp32, from which the scale is made (e4m3_scale), taken from each channel's extremes in the statistics pass."""
+    if x.is_cuda and triton is not None:
+        return _group_norm_fp8_gpu(x.contiguous(memory_format=torch.channels_last), norm.weight, norm.bias,
+                                   norm.num_groups, norm.eps)
+    return group_norm_fp8_reference(x, norm)
 
 def _kernel_inputs(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """What the kernels' ops take: x in channels_last memory, the shift (N, C) in x's dtype (x itself, unread,

@@ -52,6 +52,9 @@ OPTIONS: dict[str, str] = {
     "fused_norms": "with fp8 and fuse_qkv: each transformer block's LayerNorms run in one Triton kernel each with "
                    "the residual add before them and the fp8 row quantization of the linear after them; every block "
                    "linear but the text key/value projection in fp8 (sccsdxl.fused)",
+    "fp8_projections": "with fused_norms and fused_group_norms: each transformer's proj_in and proj_out in fp8, "
+                       "their inputs written in e4m3 by the transformer's GroupNorm kernels (one scale for the batch) "
+                       "and by the blocks' last residual add (per row) (sccsdxl.projections)",
     "fused_group_norms": "with channels_last: the UNet's GroupNorms (with the SiLU after them, and in each ResNet "
                          "block the convolution bias and time embedding added before the second) run as Triton "
                          "kernels over channels_last memory (sccsdxl.group_norm)",
@@ -117,6 +120,7 @@ class Optimizations:
     fp8_attn_out: bool = False
     fused_norms: bool = False
     fused_group_norms: bool = False
+    fp8_projections: bool = False
     fp8_convs: bool = False
     fp8_upsamplers: bool = False
     vae_group_norms: bool = False
@@ -215,7 +219,8 @@ def supported_options(device: str) -> list[str]:
         names += ["cuda_graphs", "int8", "quant_all_linears"]
         names += ["fused_group_norms", "vae_group_norms"] if triton_kernels else []
         if fp8_capable(device):
-            names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms"] if triton_kernels else [])
+            names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms", "fp8_projections"]
+                                if triton_kernels else [])
             names += ["fused_ffn_gemm"] if _blockwise_gemm_available() else []
             names += (["fp8_convs", "fp8_upsamplers", "vae_fp8_convs", "vae_fp8_upsamplers"]
                       if _fp8_conv_kernel_available(device) else [])
@@ -296,6 +301,10 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("fused_group_norms reads the UNet's activations in channels_last memory: add channels_last")
     elif opts.fused_group_norms and not _fused_kernel_available():
         problems.append(_needs_triton("fused_group_norms"))
+    if opts.fp8_projections and not (opts.fused_norms and opts.fused_group_norms):
+        problems.append("fp8_projections has the fused_norms blocks' last residual add and the fused GroupNorm "
+                        "kernels write its fp8 inputs: add fused_norms (with fp8, fuse_qkv) and fused_group_norms "
+                        "(with channels_last)")
     if opts.fp8_convs and not (opts.fused_group_norms and opts.fp8):
         problems.append("fp8_convs has the fused GroupNorm kernels write its fp8 input: add fused_group_norms "
                         "(with channels_last) and fp8")
@@ -407,7 +416,8 @@ def _compile_modules(root, names: set[str], options: dict | None = None) -> int:
 
 def compile_regions(unet, resnets: bool, cuda_graphs: bool, transformers: bool = False, autotune: bool = False) -> int:
     """Regional compilation: each repeated block compiled once per shape, far faster than the whole UNet."""
-    names = {"Transformer2DModel"} if transformers else {"BasicTransformerBlock", "Fp8TransformerChain"}
+    names = ({"Transformer2DModel", "Fp8ProjectionsTransformer"} if transformers
+             else {"BasicTransformerBlock", "Fp8TransformerChain"})
     samplers = {"Downsample2D", "Upsample2D", "FoldedUpsample", "Fp8Upsample"}
     names |= {"ResnetBlock2D", "GroupNormResnetBlock", "Fp8ConvResnetBlock", "ConcatResnet"} | samplers \
         if resnets else set()
@@ -590,6 +600,10 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
         from .fp8_conv import fp8_resnet_convs
 
         info["fp8_convs"] = fp8_resnet_convs(pipe.unet)
+    if opts.fp8_projections:  # after fused_norms and fused_group_norms, whose chains and norms it takes
+        from .projections import fp8_projections
+
+        info["fp8_projections"] = fp8_projections(pipe.unet)
     if opts.quantization != "none":
         info["quantized_linears"] = quantize_unet(pipe.unet, opts.quantization, opts.quant_all_linears)
     if opts.text_kv_once:  # after fused_norms and quantize_, whose text projections it takes over as they are

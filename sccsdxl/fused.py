@@ -742,25 +742,23 @@ class Fp8TransformerChain(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None, **unused) -> torch.Tensor:
-        return _run_chain(self.blocks, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+                encoder_attention_mask: torch.Tensor | None = None, unsummed: bool = False,
+                **unused) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As diffusers' blocks in turn; ``unsummed``: the (batch * tokens, width) residual stream and the last
+        block's output not yet added, for a reader that adds them in a kernel of its own (fp8_projections)."""
+        return _run_chain(self.blocks, hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask,
+                          unsummed=unsummed)
 
 
-def _run_chain(blocks, hidden_states: torch.Tensor, text: torch.Tensor, *masks) -> torch.Tensor:
+def _run_chain(blocks, hidden_states: torch.Tensor, text: torch.Tensor, *masks,
+               unsummed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if any(mask is not None for mask in masks):
         raise ValueError("fused_norms builds SDXL's transformer blocks, which run without attention masks")
     batch, tokens, width = hidden_states.shape
-    x, pending = chain_rows(blocks, hidden_states.reshape(batch * tokens, width), text, batch)
-    return (x + pending).view(batch, tokens, width)
-
-
-def chain_rows(blocks, x: torch.Tensor, text: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks on (batch * tokens, width) rows: the residual stream and the last block's output, not yet added
-    (whoever reads the sum may add it in a kernel of its own: fp8_projections' proj_out)."""
-    pending = None
+    x, pending = hidden_states.reshape(batch * tokens, width), None
     for block in blocks:
         x, pending = block.step(x, pending, text, batch)
-    return x, pending
+    return (x, pending) if unsummed else (x + pending).view(batch, tokens, width)
 
 
 def fuse_transformer_blocks(root: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused import Fp8RowWeight, Fp8TransformerChain, add_fp8_rows, chain_rows
+from .fused import Fp8RowWeight, Fp8TransformerChain, add_fp8_rows
 from .group_norm import GroupNormSiLU, e4m3_scale, group_norm_fp8
 
 
@@ -37,7 +37,9 @@ class Fp8ProjectionsTransformer(torch.nn.Module):
         values, amax = group_norm_fp8(hidden_states, self.norm)
         scales = e4m3_scale(amax).expand(rows, 1).contiguous()  # one for the batch, as the row-scaled GEMM takes it
         x = self.proj_in.matmul(values.permute(0, 2, 3, 1).reshape(rows, channels), scales, hidden_states.dtype)
-        x, pending = chain_rows(self.transformer_blocks[0].blocks, x, encoder_hidden_states, batch)
+        # through the chain's call, so that compile without compile_transformers runs it as its compiled region
+        x, pending = self.transformer_blocks[0](x.view(batch, height * width, channels),
+                                                encoder_hidden_states=encoder_hidden_states, unsummed=True)
         out = self.proj_out.matmul(*add_fp8_rows(pending, x), hidden_states.dtype)
         out = out.view(batch, height, width, channels).permute(0, 3, 1, 2) + hidden_states  # channels_last
         if not return_dict:
@@ -60,7 +62,8 @@ def can_take_transformer(transformer: torch.nn.Module) -> bool:
     linear = torch.nn.Linear
     return (isinstance(norm, torch.nn.GroupNorm) and norm.affine and transformer.use_linear_projection
             and isinstance(transformer.proj_in, linear) and isinstance(transformer.proj_out, linear)
-            and transformer.proj_in.in_features == transformer.proj_out.out_features == norm.num_channels
+            and norm.num_channels == transformer.proj_in.in_features == transformer.proj_in.out_features
+            == transformer.proj_out.in_features == transformer.proj_out.out_features
             and len(blocks) == 1 and isinstance(blocks[0], Fp8TransformerChain))
 
 

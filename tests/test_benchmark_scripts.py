@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("base:base::two:265", "is not NAME:RUN_DIR:SWITCHES:REPEATS:SECONDS"),
     (":base::2:265", "is not NAME:RUN_DIR:SWITCHES:REPEATS:SECONDS"),
     ("x:x:CONV_MORE_TILES=1:2:265", "is not SCCSDXL_NAME=VALUE"),
+    ("x:x::2:265:fp8 projections", "is not NAME:RUN_DIR:SWITCHES:REPEATS:SECONDS[:OPTIONS]"),
+    ("x:x::2:265:a:b", "is not NAME:RUN_DIR:SWITCHES:REPEATS:SECONDS[:OPTIONS]"),
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(spec, message, tmp_path):
     done = subprocess.run(["bash", "benchmarks/ab_h200.sh", str(tmp_path / "out"), "ok:ok::1:10", spec], cwd=ROOT,
@@ -33,10 +35,14 @@ def test_the_table_has_a_line_per_process_and_each_switches_mean(tmp_path):
     (tmp_path / "base.jsonl").write_text(row(2.50, 200.0) + "\n" + row(2.52, 20.0) + "\n")
     (tmp_path / "new.jsonl").write_text(row(2.56, 230.0) + "\n")
     (tmp_path / "base2.jsonl").write_text(row(2.51, 30.0) + "\n")
-    specs = ["base:base::2:265", "new:new:SCCSDXL_X=1:2:300", "base2:base::2:200", "gone:gone::1:10"]
+    (tmp_path / "more.jsonl").write_text(row(2.58, 60.0) + "\n")
+    specs = ["base:base::2:265", "new:new:SCCSDXL_X=1:2:300", "base2:base::2:200", "gone:gone::1:10",
+             "more:base:SCCSDXL_X=1:1:200:fp8_projections,vae_slicing=5"]
     done = subprocess.run([sys.executable, "benchmarks/summarize_ab.py", *specs, "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=True)
     lines = done.stdout.splitlines()
     assert "| base | none | 2.500, 2.520 | 270.0, 270.0 | 1560, 1560 | 200.0 | 1.00 |" in lines
     assert "| gone | none | no run finished (see gone.txt) | | | | |" in lines
     assert "| none | 3 | 2.510 | 2.500-2.520 |" in lines and "| SCCSDXL_X=1 | 1 | 2.560 | 2.560-2.560 |" in lines
+    # options added to CONFIG's: a configuration of its own, apart from the same switches without them
+    assert "| SCCSDXL_X=1, +fp8_projections,vae_slicing=5 | 1 | 2.580 | 2.580-2.580 |" in lines

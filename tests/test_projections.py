@@ -69,8 +69,12 @@ def test_compile_takes_the_swapped_transformers_which_trace_as_one_graph():
     torch.manual_seed(0)
     hidden = torch.randn(2, channels, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     text = torch.randn(2, 77, transformer.transformer_blocks[0].blocks[0].kv2.in_features, dtype=torch.bfloat16)
+    calls = []  # the chain runs through its call, so that compile without compile_transformers takes its region
+    transformer.transformer_blocks[0].register_forward_hook(lambda *args: calls.append(1))
     with torch.inference_mode():  # return_dict=False, as the UNet calls it
         eager = transformer(hidden, encoder_hidden_states=text, return_dict=False)[0]
+    assert calls == [1]
+    with torch.inference_mode():
         traced = torch.compile(transformer, fullgraph=True, backend="aot_eager")(hidden, encoder_hidden_states=text,
                                                                                   return_dict=False)[0]
     assert torch.equal(traced, eager) and eager.is_contiguous(memory_format=torch.channels_last)

@@ -29,6 +29,9 @@ OPTIONS: dict[str, str] = {
     "compile_resnets": "with compile: also compile the UNet's ResNet blocks and up/down samplers",
     "compile_transformers": "with compile: compile each whole Transformer2DModel (its norm, projections and blocks) "
                             "instead of each transformer block",
+    "cudnn_benchmark": "cuDNN times its algorithms for each convolution shape at the first call and keeps the "
+                       "fastest (torch.backends.cudnn.benchmark) for the convolutions left in bf16: the ResNet "
+                       "shortcuts, the downsamplers, the decoder's",
     "cuda_graphs": "with compile: CUDA graphs for the UNet's compiled regions (mode reduce-overhead), one UNet "
                    "forward per graph-tree step, every batch generated on one thread",
     "autotune": "with compile: inductor's coordinate-descent tuning of the UNet's compiled kernels (a few % faster, "
@@ -107,6 +110,7 @@ class Optimizations:
     compile_resnets: bool = False
     compile_transformers: bool = False
     cuda_graphs: bool = False
+    cudnn_benchmark: bool = False
     autotune: bool = False
     multi_kernel: bool = False
     compile_vae: bool = False
@@ -211,12 +215,15 @@ def hopper_or_later(device: str) -> bool:
 
 def supported_options(device: str) -> list[str]:
     """Options that can work on this device."""
+    import torch
+
     names = ["fuse_qkv", "channels_last", "compile", "compile_resnets", "compile_transformers", "compile_vae",
              "autotune", "multi_kernel", "vae_no_upcast", "vae_slicing", "vae_attention_gemms", "folded_upsamplers",
              "transposed_upsamplers", "nhwc_transformer_outputs", "concat_in_resnets", "text_kv_once"]
     if device == "cuda":
         triton_kernels = _fused_kernel_available()
         names += ["cuda_graphs", "int8", "quant_all_linears"]
+        names += ["cudnn_benchmark"] if torch.backends.cudnn.is_available() else []
         names += ["fused_group_norms", "vae_group_norms"] if triton_kernels else []
         if fp8_capable(device):
             names += ["fp8"] + (["fused_geglu", "fp8_attn_out", "fused_norms", "fp8_projections"]
@@ -342,6 +349,9 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
         problems.append("CUDA graphs need a GPU")
+    if opts.cudnn_benchmark and "cudnn_benchmark" not in supported_options(device):
+        problems.append(f"cudnn_benchmark times cuDNN's convolution algorithms: it needs an NVIDIA GPU with cuDNN; "
+                        f"this run is on {device_name(device)}")
     if opts.sdpa in ("flash", "efficient", "cudnn") and device != "cuda":
         problems.append(f"the {opts.sdpa} attention kernel needs a GPU; use sdpa=math or leave sdpa out on the CPU")
     if problems:
@@ -535,6 +545,8 @@ def apply_optimizations(pipe, opts: Optimizations, cache_dir: str | Path | None 
 
     info: dict[str, Any] = {"optimizations": str(opts)}
     started = time.perf_counter()
+    # process-wide: each configuration built sets it, on or off, so none inherits the one built before
+    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
     if opts.fuse_qkv:
         pipe.fuse_qkv_projections()
     if opts.channels_last:

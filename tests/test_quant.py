@@ -717,3 +717,17 @@ def test_a_failed_warm_start_keeps_the_configurations_measurements(tmp_path, mon
     assert rows[0]["status"] == "ok" and rows[0]["samples_per_second"] > 0 and rows[0]["verdict"] != "fail"
     assert "simulated" in rows[0]["warm_start_error"] and "warm_first_call_seconds" not in rows[0]
     assert "simulated" in quant.results_table(rows).loc["fp32:compile", "error"]
+
+
+def test_cudnn_benchmark_is_set_by_each_configuration_built():
+    """A process-wide flag: a configuration built without the option must not run with the one before's."""
+    pipe = build_random_pipeline("tiny", "fp32", "cpu")
+    try:
+        quant.apply_optimizations(pipe, quant.parse_optimizations("cudnn_benchmark"))
+        assert torch.backends.cudnn.benchmark
+        quant.apply_optimizations(pipe, quant.parse_optimizations(""))
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
+    with pytest.raises(ParameterError, match="cudnn_benchmark times cuDNN's convolution algorithms: it needs an NVIDIA"):
+        quant.check_optimizations(quant.parse_optimizations("cudnn_benchmark"), "fp32", "cpu")

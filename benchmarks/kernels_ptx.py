@@ -165,6 +165,7 @@ def projection_rows() -> None:
         print(f"| GroupNorm, e4m3 | {pixels} pixels x {channels} channels, {warps} warps | {got['ptxas']} | "
               f"{got['global loads']} | {got['global stores']} | {got['sass']} |")
 
+
 def statistics_rows() -> None:
     """The GroupNorm statistics kernel as fp8_convs runs it (a shift, the extremes), each choice of its tuning:
     whether its loop's loads are pipelined (cp.async, LDGSTS in the machine code) or plain loads (LDG)."""

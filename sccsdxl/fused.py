@@ -549,6 +549,7 @@ def add_fp8_rows(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor,
         return _add_fp8_rows_gpu(x.contiguous(), residual.contiguous())
     return quantize_rows(x + residual)
 
+
 def geglu_fp8_rows(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, 2n) up-projection output -> (rows, n) fp8 GEGLU values and (rows, 1) fp32 scales."""
     if hidden.is_cuda and triton is not None:

@@ -562,6 +562,7 @@ def group_norm_fp8(x: torch.Tensor, norm: torch.nn.GroupNorm) -> tuple[torch.Ten
                                    norm.num_groups, norm.eps)
     return group_norm_fp8_reference(x, norm)
 
+
 def _kernel_inputs(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """What the kernels' ops take: x in channels_last memory, the shift (N, C) in x's dtype (x itself, unread,
     where there is none) and whether there is one."""

@@ -134,14 +134,14 @@ def group_norm_rows() -> None:
 def projection_rows() -> None:
     """fp8_projections' kernels: the blocks' last residual add as fp8 rows at both widths, each choice of its tuning;
     the GroupNorm's group kernel folding the largest |GroupNorm| (no SiLU) and the normalizing pass writing e4m3."""
-    kernel = fused._add_fp8_rows_kernel.fn
+    kernel = fused._fp8_rows_kernel.fn
     types = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
              **{n: "i32" for n in ("n_rows", "n_cols", "x_stride", "residual_stride", "out_stride")}}
     aligned = [i for i, name in enumerate(kernel.arg_names) if name in types and name not in ("n_rows", "n_cols")]
     for width in (1280, 640):
-        for config in fused._add_fp8_rows_kernel.configs:
+        for config in fused._fp8_rows_kernel.configs:
             got = compiled(kernel, with_constants(kernel.arg_names, types),
-                           {"BLOCK": triton.next_power_of_2(width), "FP8_MAX": fused.FP8_MAX,
+                           {"BLOCK": triton.next_power_of_2(width), "HAS_RESIDUAL": True, "FP8_MAX": fused.FP8_MAX,
                             "MIN_SCALE": fused.MIN_SCALE, **config.kwargs}, aligned, config.num_warps)
             print(f"| residual add + fp8 rows, {width} | {config.kwargs['ROWS']} rows, {config.num_warps} warps | "
                   f"{got['ptxas']} | {got['global loads']} | {got['global stores']} | {got['sass']} |")

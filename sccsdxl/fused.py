@@ -306,31 +306,43 @@ if triton is not None:
         """For kernels that hold ROWS whole rows (up to 1280 wide) per program: how many rows, how many warps."""
         return [triton.Config({"ROWS": rows}, num_warps=w) for rows in (1, 2, 4, 8) for w in (4, 8)]
 
-    @autotune(configs=_whole_row_configs(), key=["n_cols"])
+    @autotune(configs=_whole_row_configs(), key=["n_cols", "HAS_RESIDUAL"])
     @triton.jit
-    def _fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, out_stride, BLOCK: tl.constexpr,
-                         ROWS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """ROWS whole rows per program (a 1280-wide row is only 2.5 kB), each scaled by its own largest value."""
+    def _fp8_rows_kernel(x_ptr, residual_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, residual_stride,
+                         out_stride, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """ROWS whole rows per program (a 1280-wide row is only 2.5 kB), each scaled by its own largest value. With
+        HAS_RESIDUAL, the rows of x + residual, the sum rounded to x's dtype first, as the unfused add writes it:
+        the sum itself is not written (add_fp8_rows)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+        x = x.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, MIN_SCALE)
         quantized = tl.clamp(x / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], quantized, mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
 
-    def _launch_rows(kernel, matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, **config) -> None:
-        """Run ``kernel`` on (rows, n) ``matrix``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
+    def _launch_rows(kernel, matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                     residual: torch.Tensor | None = None, **config) -> None:
+        """Run ``kernel`` on (rows, n) ``matrix`` (plus ``residual``, where given), writing (rows, n) ``values`` and
+        (rows, 1) ``scales``."""
         n_rows, n_cols = matrix.shape
-        kernel[_row_grid(n_rows, config)](matrix, values, scales, n_rows, n_cols, matrix.stride(0), values.stride(0),
-                                          BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+        added = matrix if residual is None else residual  # unread without a residual
+        kernel[_row_grid(n_rows, config)](matrix, added, values, scales, n_rows, n_cols, matrix.stride(0),
+                                          added.stride(0), values.stride(0), BLOCK=triton.next_power_of_2(n_cols),
+                                          HAS_RESIDUAL=residual is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
                                           **config)
 
     def run_rows_config(matrix: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, rows: int,
-                        num_warps: int = 4) -> None:
-        """One configuration the row kernel's autotuning chooses from, run directly: for tests and benchmarks."""
-        _launch_rows(_fp8_rows_kernel.fn, matrix, values, scales, ROWS=rows, num_warps=num_warps)
+                        num_warps: int = 4, residual: torch.Tensor | None = None) -> None:
+        """One configuration the row kernel's autotuning chooses from, run directly (with ``residual``, as
+        add_fp8_rows runs it): for tests and benchmarks."""
+        _launch_rows(_fp8_rows_kernel.fn, matrix, values, scales, residual, ROWS=rows, num_warps=num_warps)
 
     @triton_op("sccsdxl::fp8_rows", mutates_args=())
     def _fp8_rows_gpu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,43 +350,10 @@ if triton is not None:
         _launch_rows(wrap_triton(_fp8_rows_kernel), matrix, values, scales)
         return values, scales
 
-
-if triton is not None:
-    @autotune(configs=_whole_row_configs(), key=["n_cols"])
-    @triton.jit
-    def _add_fp8_rows_kernel(x_ptr, residual_ptr, out_ptr, scale_ptr, n_rows, n_cols, x_stride, residual_stride,
-                             out_stride, BLOCK: tl.constexpr, ROWS: tl.constexpr, FP8_MAX: tl.constexpr,
-                             MIN_SCALE: tl.constexpr):
-        """_fp8_rows_kernel of x + residual, the sum rounded to x's dtype first, as the unfused add writes it: the
-        sum itself is not written."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
-        residual = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
-        total = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(total), axis=1) / FP8_MAX, MIN_SCALE)
-        quantized = tl.clamp(total / scale[:, None], -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], quantized, mask=mask)
-        tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
-
-    def _launch_add_rows(kernel, x: torch.Tensor, residual: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
-                         **config) -> None:
-        """Run ``kernel`` on (rows, n) ``x`` and ``residual``, writing (rows, n) ``values`` and (rows, 1) ``scales``."""
-        n_rows, n_cols = x.shape
-        kernel[_row_grid(n_rows, config)](x, residual, values, scales, n_rows, n_cols, x.stride(0), residual.stride(0),
-                                          values.stride(0), BLOCK=triton.next_power_of_2(n_cols), FP8_MAX=FP8_MAX,
-                                          MIN_SCALE=MIN_SCALE, **config)
-
-    def run_add_rows_config(x: torch.Tensor, residual: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
-                            rows: int, num_warps: int = 4) -> None:
-        """One configuration of add_fp8_rows' tuning, run directly: for tests (Triton's interpreter) and benchmarks."""
-        _launch_add_rows(_add_fp8_rows_kernel.fn, x, residual, values, scales, ROWS=rows, num_warps=num_warps)
-
     @triton_op("sccsdxl::add_fp8_rows", mutates_args=())
     def _add_fp8_rows_gpu(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, scales = _fp8_outputs(*x.shape, x.device)
-        _launch_add_rows(wrap_triton(_add_fp8_rows_kernel), x, residual, values, scales)
+        _launch_rows(wrap_triton(_fp8_rows_kernel), x, values, scales, residual)
         return values, scales
 
 

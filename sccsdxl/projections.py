@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused import Fp8RowWeight, Fp8TransformerChain, add_fp8_rows
+from .fused import Fp8RowWeight, Fp8TransformerChain, add_fp8_rows, swap_modules
 from .group_norm import GroupNormSiLU, e4m3_scale, group_norm_fp8
 
 
@@ -69,6 +69,4 @@ def can_take_transformer(transformer: torch.nn.Module) -> bool:
 
 def fp8_projections(unet: torch.nn.Module) -> int:
     """Swap every Transformer2DModel of ``unet`` that can_take_transformer accepts; returns how many."""
-    from .fused import swap_modules
-
     return swap_modules(unet, can_take_transformer, Fp8ProjectionsTransformer)

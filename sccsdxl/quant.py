@@ -271,7 +271,7 @@ def _needs_triton(name: str) -> str:
 def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
     """Refuse combinations that cannot work here, naming what does."""
     problems = []
-    works = ", ".join(supported_options(device))
+    supported = supported_options(device)
     if opts.fp8 and opts.int8:
         problems.append("fp8 and int8 exclude each other")
     if opts.fp8 and not fp8_capable(device):
@@ -349,14 +349,14 @@ def check_optimizations(opts: Optimizations, dtype: str, device: str) -> None:
         problems.append("quant_all_linears widens fp8 or int8 quantization: add fp8 (or int8)")
     if opts.cuda_graphs and device != "cuda":
         problems.append("CUDA graphs need a GPU")
-    if opts.cudnn_benchmark and "cudnn_benchmark" not in supported_options(device):
+    if opts.cudnn_benchmark and "cudnn_benchmark" not in supported:
         problems.append(f"cudnn_benchmark times cuDNN's convolution algorithms: it needs an NVIDIA GPU with cuDNN; "
                         f"this run is on {device_name(device)}")
     if opts.sdpa in ("flash", "efficient", "cudnn") and device != "cuda":
         problems.append(f"the {opts.sdpa} attention kernel needs a GPU; use sdpa=math or leave sdpa out on the CPU")
     if problems:
         raise ParameterError("optimization options that cannot work here: " + "; ".join(problems),
-                             f"options available on this machine: {works}")
+                             f"options available on this machine: {', '.join(supported)}")
 
 
 def device_name(device: str) -> str:

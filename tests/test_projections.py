@@ -129,7 +129,7 @@ INTERPRETED = textwrap.dedent("""
     x, residual = (torch.randn(37, 96).to(torch.bfloat16) for _ in range(2))
     for rows in (1, 4, 8):
         values, scales = torch.full((37, 96), float("nan")), torch.empty(37, 1)
-        fused.run_add_rows_config(x, residual, values, scales, rows)
+        fused.run_rows_config(x, values, scales, rows, residual=residual)
         total = x.float() + residual.float()
         assert not values.isnan().any()
         # the interpreter rounds the sum to bf16 toward zero (the GPU to nearest): within two bf16 steps
@@ -169,9 +169,9 @@ def test_add_fp8_rows_matches_the_reference_on_the_gpu(n_cols):
     x, residual = ((torch.randn(1003, n_cols, device="cuda") * 3).to(torch.bfloat16) for _ in range(2))
     ref_values, ref_scales = fused.quantize_rows(x + residual)
     assert_close_to_reference(*fused.add_fp8_rows(x, residual), ref_values, ref_scales)
-    for config in fused._add_fp8_rows_kernel.configs:
+    for config in fused._fp8_rows_kernel.configs:
         values, scales = torch.empty_like(ref_values), torch.empty_like(ref_scales)
-        fused.run_add_rows_config(x, residual, values, scales, config.kwargs["ROWS"], config.num_warps)
+        fused.run_rows_config(x, values, scales, config.kwargs["ROWS"], config.num_warps, residual=residual)
         assert_close_to_reference(values, scales, ref_values, ref_scales)
 
 

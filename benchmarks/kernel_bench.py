@@ -41,7 +41,6 @@ def gpu_ms(fn, reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
-
 def kernel_table(call, rows: int = 10) -> str:
     """torch.profiler's table of the GPU kernels one call runs, longest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -49,6 +48,7 @@ def kernel_table(call, rows: int = 10) -> str:
         call()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
 
 # the transformer blocks' rows at 50 UNet rows (batch 25 with guidance) and their width, at the two block levels
 BLOCK_ROWS = {"1280 level (50 rows x 1024 tokens)": (51200, 1280), "640 level (50 rows x 4096 tokens)": (204800, 640)}

@@ -7,9 +7,9 @@
 # warm; another configuration's starts warm but for what it changes); SWITCHES: SCCSDXL_ variables, comma-separated,
 # or empty; REPEATS: loadgen runs after one build; SECONDS: the process's limit (its rows so far are kept); OPTIONS:
 # sccsdxl.quant options added to CONFIG's for this process, comma-separated. CONFIG (env): the dtype:options to
-# run, default "bf16:$FS" from benchmarks/fastest_h200.env; BATCH: default 50.
+# run, default "bf16:$FP" (the fastest) from benchmarks/fastest_h200.env; BATCH: default 50.
 # Example, the package's default against one switch, alternating:
-#   bash benchmarks/ab_h200.sh OUT base:base::2:330 cross:base:SCCSDXL_FUSED_CROSS_ATTENTION=1:2:250 base2:base::2:200
+#   bash benchmarks/ab_h200.sh OUT base:base::2:330 cross:base:SCCSDXL_FUSED_CROSS_ATTENTION=0:2:250 base2:base::2:200
 set -u
 if [ $# -lt 2 ]; then
   sed -n '2,12p' "$0" >&2
@@ -34,7 +34,7 @@ for spec in "$@"; do  # check every spec before the first build, which takes min
   done
 done
 . benchmarks/fastest_h200.env
-config=${CONFIG:-bf16:$FS}
+config=${CONFIG:-bf16:$FP}
 mkdir -p "$out"
 for spec in "$@"; do
   IFS=: read -r name dir switches repeats limit options <<< "$spec"

@@ -1,5 +1,6 @@
-"""sccsdxl.cross_attention's kernel (SCCSDXL_FUSED_CROSS_ATTENTION=1) against what fused_norms' blocks run without
-it: cuDNN's attention (PyTorch SDPA), then fp8_rows quantizing its output per row for the output projection.
+"""sccsdxl.cross_attention's kernel (fused_norms' blocks run it unless SCCSDXL_FUSED_CROSS_ATTENTION=0) against what
+they run without it: cuDNN's attention (PyTorch SDPA), then fp8_rows quantizing its output per row for the output
+projection.
 
 At the UNet's two transformer levels at 100 rows (batch 50 with guidance), queries from the q projection and the
 text's fused k/v projection (77 tokens): ms of each path compiled as the blocks run it, the bytes the fused kernel

@@ -1,7 +1,7 @@
 """The transformer blocks' cross-attention over SDXL's 77 text tokens as one Triton kernel that writes the output
-projection's fp8 rows (SCCSDXL_FUSED_CROSS_ATTENTION=1 in fused_norms' blocks; off until measured through loadgen:
-its kernel alone 0.27 against 0.36 ms for cuDNN's attention and fp8_rows at the 1,024-token level on the H200, 0.51
-against 0.72 at 4,096, session 23).
+projection's fp8 rows, in fused_norms' blocks unless SCCSDXL_FUSED_CROSS_ATTENTION=0: its kernel alone 0.27 against
+0.36 ms for cuDNN's attention and fp8_rows at the 1,024-token level on the H200, 0.51 against 0.72 at 4,096 (session
+23); through loadgen +1.4 % (2.621 against 2.585 samples/s on one VM, session 24).
 
 With 77 keys the attention is a pass over its queries and outputs: cuDNN's kernel, the fastest of its engine
 configurations, runs it at about 2 TB/s (0.26 ms at the 1,024-token level at batch 50, BENCHMARKS.md session 21), and
@@ -19,8 +19,10 @@ import torch
 
 from .fused import FP8, FP8_MAX, MIN_SCALE, autotune, cross_attend, env_flag, triton
 
-# read once, when fused_norms' blocks are made
-FUSED_CROSS_ATTENTION = env_flag("SCCSDXL_FUSED_CROSS_ATTENTION")
+# read once, when fused_norms' blocks are made; on unless =0
+FUSED_CROSS_ATTENTION = env_flag("SCCSDXL_FUSED_CROSS_ATTENTION", default=True)
+# 1 / 448 rounded to fp32, which the scales are multiplied by (image_scales)
+INV_FP8_MAX = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))
 KEY_BLOCK = 128  # the keys, padded to a power of two (SDXL's 77 text tokens)
 # the tuning's choices: (tokens per block, blocks per program, warps, stages). One block per program loads a head's
 # keys and values (32 KB, padded) for every 64 or 128 tokens (8 or 16 KB of queries) and ran at 1.2 TB/s on the H200
@@ -74,10 +76,11 @@ if triton is not None:
                      mask=token_ok[:, None])
 
     @triton.jit
-    def _image_scales_kernel(kv_ptr, scale_ptr, inv_scale_ptr, keys, width, kv_stride, FP8_MAX: tl.constexpr,
-                             MIN_SCALE: tl.constexpr, KEY_STEP: tl.constexpr, COLUMN_STEP: tl.constexpr):
-        """Image program_id(0)'s e4m3 scale, its largest |value| / FP8_MAX (at least MIN_SCALE), and the scale's
-        inverse, both divided with IEEE rounding, as PyTorch divides in image_scales."""
+    def _image_scales_kernel(kv_ptr, scale_ptr, inv_scale_ptr, keys, width, kv_stride,
+                             INV_FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, KEY_STEP: tl.constexpr,
+                             COLUMN_STEP: tl.constexpr):
+        """Image program_id(0)'s e4m3 scale, its largest |value| times 1 / FP8_MAX (at least MIN_SCALE), and the
+        scale's inverse (an IEEE division), rounded as PyTorch rounds them in image_scales and 1 / scale."""
         image = tl.program_id(0)
         key = tl.arange(0, KEY_STEP)[:, None]
         column = tl.arange(0, COLUMN_STEP)[None, :]
@@ -88,7 +91,7 @@ if triton is not None:
                 ok = (first_key + key < keys) & (first_column + column < width)
                 values = tl.load(kv_ptr + rows + first_column + column, mask=ok, other=0.0)
                 largest = tl.maximum(largest, tl.abs(values.to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(largest, axis=1), axis=0), FP8_MAX), MIN_SCALE)
+        scale = tl.maximum(tl.max(tl.max(largest, axis=1), axis=0) * INV_FP8_MAX, MIN_SCALE)
         tl.store(scale_ptr + image, scale)
         tl.store(inv_scale_ptr + image, tl.math.div_rn(1.0, scale))
 
@@ -97,7 +100,7 @@ if triton is not None:
         scale = torch.empty(images, device=kv.device, dtype=torch.float32)
         inv_scale = torch.empty_like(scale)
         _image_scales_kernel[(images,)](kv, scale, inv_scale, kv.shape[0] // images, kv.shape[1] // 2, kv.stride(0),
-                                        FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, KEY_STEP=16, COLUMN_STEP=128)
+                                        INV_FP8_MAX=INV_FP8_MAX, MIN_SCALE=MIN_SCALE, KEY_STEP=16, COLUMN_STEP=128)
         return scale, inv_scale
 
     def _launch(kernel, query: torch.Tensor, kv: torch.Tensor, inv_scale: torch.Tensor, out: torch.Tensor,
@@ -138,9 +141,11 @@ if triton is not None:
 
 
 def image_scales(kv: torch.Tensor, images: int) -> torch.Tensor:
-    """(images * keys, 2 width) keys and values -> (images,) fp32 e4m3 scales, each image's largest |value| / 448."""
+    """(images * keys, 2 width) keys and values -> (images,) fp32 e4m3 scales, each image's largest |value| / 448,
+    as a product with 1 / 448 rounded to fp32: what PyTorch computes for a division by a number on a GPU (on the CPU
+    it divides), so that the scales are the same bits on either and the op's kernel can make them."""
     values = kv.reshape(images, -1, 2, kv.shape[-1] // 2)[:, :, 1]
-    return (values.abs().amax(dim=(1, 2)).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (values.abs().amax(dim=(1, 2)).float() * INV_FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def cross_attention_fp8_rows_reference(query: torch.Tensor, kv: torch.Tensor, images: int,

@@ -46,3 +46,17 @@ def test_the_table_has_a_line_per_process_and_each_switches_mean(tmp_path):
     assert "| none | 3 | 2.510 | 2.500-2.520 |" in lines and "| SCCSDXL_X=1 | 1 | 2.560 | 2.560-2.560 |" in lines
     # options added to CONFIG's: a configuration of its own, apart from the same switches without them
     assert "| SCCSDXL_X=1, +fp8_projections,vae_slicing=5 | 1 | 2.580 | 2.580-2.580 |" in lines
+
+
+def test_the_h200_parameter_files_fastest_entry_is_the_benchmarks_fastest_configuration():
+    """params/h200.yaml ends with what benchmarks/fastest_h200.env names the fastest ($FP), and every option in it
+    is one sccsdxl.quant knows: the two must not drift apart when a session finds a faster one."""
+    import yaml
+
+    from sccsdxl import quant
+
+    fastest = subprocess.run(["bash", "-c", ". benchmarks/fastest_h200.env && echo \"bf16:$FP\""], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    configs = yaml.safe_load((ROOT / "params" / "h200.yaml").read_text())["configs"]
+    assert configs[-1] == fastest
+    quant.parse_config(fastest)  # raises on an option it does not know

@@ -229,7 +229,8 @@ def cross_attention_rows() -> None:
     types = {"kv_ptr": "*bf16", "scale_ptr": "*fp32", "inv_scale_ptr": "*fp32",
              **{n: "i32" for n in ("keys", "width", "kv_stride")}}
     got = compiled(kernel, with_constants(names, types),
-                   {"FP8_MAX": fused.FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, "KEY_STEP": 16, "COLUMN_STEP": 128},
+                   {"INV_FP8_MAX": cross_attention.INV_FP8_MAX, "MIN_SCALE": fused.MIN_SCALE, "KEY_STEP": 16,
+                    "COLUMN_STEP": 128},
                    tuple(names.index(n) for n in ("kv_ptr", "scale_ptr", "inv_scale_ptr", "width", "kv_stride")), 4, 3)
     print(f"| cross-attention, image scales | 16 keys x 128 values per step, 4 warps | {got['ptxas']} | "
           f"{got['global loads']} global loads, {got['global stores']} global stores, {got['sass']} machine "

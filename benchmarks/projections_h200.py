@@ -18,6 +18,7 @@ from kernel_bench import gpu_ms, kernel_table, relative_error
 sys.path.insert(0, ".")
 from sccsdxl import group_norm as G  # noqa: E402
 from sccsdxl.fused import Fp8RowWeight, add_fp8_rows  # noqa: E402
+from sccsdxl.projections import normed_projection  # noqa: E402
 
 ROWS = 100  # batch 50 with guidance
 LEVELS = [("1280 level: 32x32 pixels, 1,280 channels", 1280, 32), ("640 level: 64x64 pixels, 640 channels", 640, 64)]
@@ -40,8 +41,7 @@ def run_level(name: str, channels: int, size: int) -> tuple[list[str], list[str]
         return proj_in(as_rows(G.group_norm(x, norm)))
 
     def input_fp8():
-        values, amax = G.group_norm_fp8(x, norm)
-        return fp8_in.matmul(as_rows(values), G.e4m3_scale(amax).expand(rows, 1).contiguous(), torch.bfloat16)
+        return normed_projection(x, norm, fp8_in)
 
     def output_bf16():
         return proj_out(stream + pending)

@@ -33,10 +33,7 @@ class Fp8ProjectionsTransformer(torch.nn.Module):
         if attention_mask is not None or encoder_attention_mask is not None:
             raise ValueError("fp8_projections builds SDXL's transformers, which run without attention masks")
         batch, channels, height, width = hidden_states.shape
-        rows = batch * height * width
-        values, amax = group_norm_fp8(hidden_states, self.norm)
-        scales = e4m3_scale(amax).expand(rows, 1).contiguous()  # one for the batch, as the row-scaled GEMM takes it
-        x = self.proj_in.matmul(values.permute(0, 2, 3, 1).reshape(rows, channels), scales, hidden_states.dtype)
+        x = normed_projection(hidden_states, self.norm, self.proj_in)
         # through the chain's call, so that compile without compile_transformers runs it as its compiled region
         x, pending = self.transformer_blocks[0](x.view(batch, height * width, channels),
                                                 encoder_hidden_states=encoder_hidden_states, unsummed=True)
@@ -47,6 +44,15 @@ class Fp8ProjectionsTransformer(torch.nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+def normed_projection(x: torch.Tensor, norm: torch.nn.GroupNorm, proj: Fp8RowWeight) -> torch.Tensor:
+    """proj(norm(x)) as (N * H * W, C) rows of (N, C, H, W) ``x``, the GroupNorm kernels writing proj's e4m3 input."""
+    batch, channels, height, width = x.shape
+    rows = batch * height * width
+    values, amax = group_norm_fp8(x, norm)
+    scales = e4m3_scale(amax).expand(rows, 1).contiguous()  # one for the batch, as the row-scaled GEMM takes it
+    return proj.matmul(values.permute(0, 2, 3, 1).reshape(rows, channels), scales, x.dtype)
 
 
 def can_take_transformer(transformer: torch.nn.Module) -> bool:

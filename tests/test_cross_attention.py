@@ -62,7 +62,7 @@ INTERPRETED = textwrap.dedent("""
         query = torch.randn(images * tokens, width).to(torch.bfloat16)
         kv = (torch.randn(images * keys, 2 * width) * 2).to(torch.bfloat16)
         scale = X.image_scales(kv, images)
-        # the op's scales, from a kernel of their own: what PyTorch divides, to the bit
+        # the op's scales, from a kernel of their own: what image_scales computes, to the bit
         by_kernel, inverse = X.scales_by_kernel(kv, images)
         assert torch.equal(by_kernel, scale) and torch.equal(inverse, 1.0 / scale), (by_kernel, scale)
         exact = cross_attend(query.float(), kv.float(), images, heads)
